@@ -1,0 +1,341 @@
+"""Fetch the pinned llama.cpp release and build its static libraries, cached outside the clone.
+
+Used by ``setup.py``; also runnable by hand (``python build_llama.py``) and by the tests and
+benchmarks, which build llama.cpp's own C programs against the same libraries.
+
+Settings (environment variables):
+
+- ``MULLAMA_LLAMA_CPP_DIR``: build from this llama.cpp checkout instead of the pinned release.
+- ``GGML_CUDA`` / ``LLAMA_CUDA``: ``1`` turns on the CUDA backend.
+- ``MULLAMA_NATIVE``: ``0`` builds for any x86-64 instead of this CPU (default ``1``).
+- ``MULLAMA_SANITIZE``: ``address,undefined`` builds llama.cpp with those sanitizers (by hand only).
+- ``MULLAMA_BUILD_CACHE``: where built libraries are kept (default ``~/.cache/mullama/build``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENDOR_DIR = ROOT / "vendor" / "llama.cpp"
+
+PIN_PACKAGE = "llama-cpp-python"
+PIN_VERSION = "0.3.36"
+PIN_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+PIN_PREFIX = f"llama_cpp_python-{PIN_VERSION}/vendor/llama.cpp/"
+
+# The source that matters for the libraries; models/, docs, tools and tests do not change them.
+HASHED_SOURCES = ("CMakeLists.txt", "cmake", "ggml", "src", "include")
+
+KNOWN_SETTINGS = {
+    "MULLAMA_LLAMA_CPP_DIR",
+    "MULLAMA_NATIVE",
+    "MULLAMA_SANITIZE",
+    "MULLAMA_BUILD_CACHE",
+    "MULLAMA_CACHE",  # the model cache, read at run time, not by the build
+    "MULLAMA_BUILD_VERBOSE",
+}
+SANITIZERS = {"address": "LLAMA_SANITIZE_ADDRESS", "undefined": "LLAMA_SANITIZE_UNDEFINED"}
+
+_TRUE = {"1", "on", "true", "yes"}
+_FALSE = {"0", "off", "false", "no", ""}
+
+
+class BuildConfigError(SystemExit):
+    """A build setting is unknown, malformed or in conflict; the message says what to set."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"mullama build: {message}")
+
+
+def _flag(env: dict[str, str], name: str, default: bool) -> bool:
+    if name not in env:
+        return default
+    value = env[name].strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise BuildConfigError(f"{name}={env[name]!r} is not a switch; set it to 1 or 0")
+
+
+@dataclass(frozen=True)
+class Settings:
+    source_dir: Path
+    pinned: bool
+    cuda: bool
+    native: bool
+    sanitize: tuple[str, ...]
+    cache_dir: Path
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        unknown = sorted(k for k in env if k.startswith("MULLAMA_") and k not in KNOWN_SETTINGS)
+        if unknown:
+            raise BuildConfigError(
+                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN_SETTINGS))}"
+            )
+        cuda_flags = {n: _flag(env, n, False) for n in ("GGML_CUDA", "LLAMA_CUDA") if n in env}
+        if len(set(cuda_flags.values())) > 1:
+            raise BuildConfigError(
+                "GGML_CUDA and LLAMA_CUDA disagree "
+                f"({', '.join(f'{k}={env[k]}' for k in cuda_flags)}); set only one of them"
+            )
+        cuda = any(cuda_flags.values())
+        native = _flag(env, "MULLAMA_NATIVE", True)
+        sanitize = tuple(s for s in env.get("MULLAMA_SANITIZE", "").replace(" ", "").split(",") if s)
+        bad = [s for s in sanitize if s not in SANITIZERS]
+        if bad:
+            raise BuildConfigError(
+                f"MULLAMA_SANITIZE={env['MULLAMA_SANITIZE']!r}: unknown {bad}; use {','.join(SANITIZERS)}"
+            )
+        if sanitize and cuda:
+            raise BuildConfigError("MULLAMA_SANITIZE cannot be combined with GGML_CUDA; unset one")
+        user_dir = env.get("MULLAMA_LLAMA_CPP_DIR")
+        if user_dir:
+            source = Path(user_dir).expanduser().resolve()
+            if not (source / "include" / "llama.h").is_file():
+                raise BuildConfigError(
+                    f"MULLAMA_LLAMA_CPP_DIR={user_dir!r} is not a llama.cpp checkout "
+                    "(no include/llama.h there); point it at the top of one or unset it"
+                )
+        else:
+            source = VENDOR_DIR
+        cache = Path(
+            env.get("MULLAMA_BUILD_CACHE")
+            or Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mullama" / "build"
+        ).expanduser()
+        return cls(source, not user_dir, cuda, native, sanitize, cache)
+
+    def cmake_args(self) -> list[str]:
+        def onoff(b: bool) -> str:
+            return "ON" if b else "OFF"
+
+        args = [
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DBUILD_SHARED_LIBS=OFF",
+            "-DCMAKE_POSITION_INDEPENDENT_CODE=ON",
+            "-DLLAMA_BUILD_COMMON=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_TOOLS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DLLAMA_BUILD_SERVER=OFF",
+            "-DLLAMA_BUILD_APP=OFF",
+            "-DLLAMA_CURL=OFF",
+            "-DLLAMA_OPENSSL=OFF",
+            # ggml's own thread pool: no libgomp at run time, and no worker threads left
+            # behind in the user's process after a context closes.
+            "-DGGML_OPENMP=OFF",
+            f"-DGGML_NATIVE={onoff(self.native)}",
+            f"-DGGML_CUDA={onoff(self.cuda)}",
+        ]
+        for name, option in SANITIZERS.items():
+            args.append(f"-D{option}={onoff(name in self.sanitize)}")
+        return args
+
+
+def _run(cmd: list[str], **kw) -> None:
+    print("mullama build:", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def fetch_pinned_source(dest: Path = VENDOR_DIR) -> Path:
+    """Fill ``vendor/llama.cpp`` from the pinned registry sdist, once; verify its hash."""
+    marker = dest / ".mullama-source"
+    if marker.is_file() and marker.read_text().strip() == PIN_SHA256:
+        return dest
+    with tempfile.TemporaryDirectory(prefix="mullama-fetch-") as tmp:
+        # --no-build-isolation: pip still prepares the sdist's metadata, and building its build
+        # dependencies from source (cmake among them) would take longer than llama.cpp itself.
+        _run([
+            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            "--no-build-isolation", "--disable-pip-version-check", "-q",
+            "-d", tmp, f"{PIN_PACKAGE}=={PIN_VERSION}",
+        ])
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if len(archives) != 1:
+            raise RuntimeError(f"expected one sdist from pip download, got {archives}")
+        digest = hashlib.sha256(archives[0].read_bytes()).hexdigest()
+        if digest != PIN_SHA256:
+            raise RuntimeError(
+                f"{archives[0].name}: sha256 {digest} does not match the pinned {PIN_SHA256}; "
+                "refusing to build from it"
+            )
+        staging = dest.parent / (dest.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        with tarfile.open(archives[0]) as tar:
+            for member in tar.getmembers():
+                if not member.name.startswith(PIN_PREFIX) or member.name == PIN_PREFIX:
+                    continue
+                rel = member.name[len(PIN_PREFIX):]
+                if rel.startswith("/") or ".." in Path(rel).parts or not (member.isfile() or member.isdir()):
+                    continue
+                target = staging / rel
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(member) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+                os.chmod(target, 0o755 if member.mode & 0o111 else 0o644)
+        (staging / ".mullama-source").write_text(PIN_SHA256 + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        staging.rename(dest)
+    return dest
+
+
+def source_hash(source: Path) -> str:
+    h = hashlib.sha256()
+    for top in HASHED_SOURCES:
+        path = source / top
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for f in files:
+            h.update(str(f.relative_to(source)).encode() + b"\0")
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _compiler_id() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        out = cxx
+    return out.splitlines()[0] if out else cxx
+
+
+@dataclass
+class BuiltLlama:
+    """Where the static libraries and headers of one cached build are."""
+
+    build_dir: Path
+    source_dir: Path
+    libraries: list[Path]
+    include_dirs: list[Path]
+    link_args: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "build_dir": str(self.build_dir),
+            "source_dir": str(self.source_dir),
+            "libraries": [str(p) for p in self.libraries],
+            "include_dirs": [str(p) for p in self.include_dirs],
+            "link_args": self.link_args,
+        }, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "BuiltLlama":
+        d = json.loads(text)
+        return cls(Path(d["build_dir"]), Path(d["source_dir"]), [Path(p) for p in d["libraries"]],
+                   [Path(p) for p in d["include_dirs"]], d["link_args"])
+
+
+def _library_names(settings: Settings) -> list[str]:
+    # Link order: users before what they use.
+    names = ["src/libllama.a", "ggml/src/libggml.a", "ggml/src/libggml-cpu.a"]
+    if settings.cuda:
+        names.append("ggml/src/ggml-cuda/libggml-cuda.a")
+    names.append("ggml/src/libggml-base.a")
+    return names
+
+
+def _link_args(settings: Settings) -> list[str]:
+    args = ["-lpthread", "-ldl", "-lm"]
+    if settings.cuda:
+        cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+        for sub in ("lib64", "lib64/stubs", "targets/x86_64-linux/lib", "targets/x86_64-linux/lib/stubs"):
+            if (Path(cuda_home) / sub).is_dir():
+                args.append(f"-L{Path(cuda_home) / sub}")
+        args += ["-lcudart_static", "-lcublas_static", "-lcublasLt_static", "-lculibos", "-lcuda", "-lrt"]
+    if settings.sanitize:
+        args.append("-fsanitize=" + ",".join(settings.sanitize))
+    return args
+
+
+def ensure_built(settings: Settings | None = None) -> BuiltLlama:
+    """Return the cached build for these settings, building it first if there is none."""
+    settings = settings or Settings.from_env()
+    if settings.pinned:
+        fetch_pinned_source(settings.source_dir)
+    cmake = shutil.which("cmake")
+    if not cmake:
+        raise BuildConfigError("cmake is not on PATH; install it (pip install cmake) and retry")
+    args = settings.cmake_args()
+    key_src = json.dumps({
+        "source": source_hash(settings.source_dir),
+        "cmake_args": args,
+        "compiler": _compiler_id(),
+        "cc": os.environ.get("CC", ""),
+        "cxx": os.environ.get("CXX", ""),
+        "cflags": os.environ.get("CFLAGS", ""),
+        "cxxflags": os.environ.get("CXXFLAGS", ""),
+    }, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    build_dir = settings.cache_dir / f"llama-{key}"
+    stamp = build_dir / "mullama-build.json"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.cache_dir / f"llama-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two concurrent installs share one build
+        if stamp.is_file():
+            built = BuiltLlama.from_json(stamp.read_text())
+            if all(p.is_file() for p in built.libraries):
+                built.source_dir = settings.source_dir
+                return built
+        (build_dir / "mullama-key.json").write_text(key_src)
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        launcher = []
+        if shutil.which("ccache"):
+            launcher = ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+            if settings.cuda:
+                launcher.append("-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache")
+        t0 = time.monotonic()
+        cmake_dir = build_dir / "cmake"
+        _run([cmake, "-S", str(settings.source_dir), "-B", str(cmake_dir), *generator, *launcher, *args])
+        jobs = str(os.cpu_count() or 2)
+        targets = ["llama", "ggml"] + (["ggml-cuda"] if settings.cuda else [])
+        _run([cmake, "--build", str(cmake_dir), "--config", "Release", "-j", jobs, "--target", *targets])
+        built = BuiltLlama(
+            build_dir=cmake_dir,
+            source_dir=settings.source_dir,
+            libraries=[cmake_dir / n for n in _library_names(settings)],
+            include_dirs=[settings.source_dir / "include", settings.source_dir / "ggml" / "include"],
+            link_args=_link_args(settings),
+        )
+        missing = [str(p) for p in built.libraries if not p.is_file()]
+        if missing:
+            raise RuntimeError(f"llama.cpp build finished without {missing}")
+        stamp.write_text(built.to_json())
+        print(f"mullama build: llama.cpp built in {time.monotonic() - t0:.0f} s into {cmake_dir}", flush=True)
+        return built
+
+
+def build_example(name: str, source: str, built: BuiltLlama | None = None) -> Path:
+    """Compile one of llama.cpp's own C++ programs (e.g. examples/simple/simple.cpp) against
+    the cached static libraries; used by tests and benchmarks as the reference C loop."""
+    built = built or ensure_built()
+    out = built.build_dir.parent / "bin" / name
+    src = built.source_dir / source
+    if out.is_file() and out.stat().st_mtime >= src.stat().st_mtime:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cxx = os.environ.get("CXX") or "c++"
+    _run([cxx, "-O2", "-std=c++17", *[f"-I{d}" for d in built.include_dirs], str(src), "-o", str(out),
+          *[str(p) for p in built.libraries], *built.link_args])
+    return out
+
+
+if __name__ == "__main__":
+    print(ensure_built().to_json())

@@ -1,0 +1,239 @@
+# Logging, error mapping, interrupt polling and small helpers shared by the native classes.
+
+from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
+from libc.stdint cimport int32_t, int64_t, uint32_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+from libcpp.string cimport string
+from libcpp.vector cimport vector
+
+from mullama._llama cimport *
+
+import atexit
+import collections
+import logging
+import math
+import os
+import threading
+
+from ._errors import (
+    ChatTemplateError,
+    ClosedError,
+    ContextBusyError,
+    ContextCreateError,
+    ContextOverflowError,
+    DecodeError,
+    EmbeddingsDisabledError,
+    GenerationCancelled,
+    InvalidArgumentError,
+    InvalidModelError,
+    ModelLoadError,
+    ModelNotFoundError,
+    MullamaError,
+    decode_error,
+)
+from ._params import SamplerParams
+
+
+cdef extern from "_support.h" nogil:
+    int mullama_atomic_load(const int * p)
+    void mullama_atomic_store(int * p, int v)
+    size_t mullama_utf8_complete(const char * s, size_t n)
+
+
+from cpython.exc cimport PyErr_CheckSignals
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's log -> Python logging (logger "mullama"), silent unless the user configures it.
+
+logger = logging.getLogger("mullama")
+logger.addHandler(logging.NullHandler())
+
+# The last lines llama.cpp logged, so a failed load or context can say why.
+_recent_log = collections.deque(maxlen=64)
+_log_partial = []
+cdef int _log_enabled = 0
+
+_LEVELS = {
+    GGML_LOG_LEVEL_DEBUG: logging.DEBUG,
+    GGML_LOG_LEVEL_INFO: logging.INFO,
+    GGML_LOG_LEVEL_WARN: logging.WARNING,
+    GGML_LOG_LEVEL_ERROR: logging.ERROR,
+}
+_last_level = [logging.INFO]
+
+
+cdef void _log_callback(ggml_log_level level, const char * text, void * user_data) noexcept nogil:
+    if not mullama_atomic_load(&_log_enabled):
+        return
+    with gil:
+        try:
+            _handle_log(<int>level, text.decode("utf-8", "replace"))
+        except BaseException:
+            pass
+
+
+def _handle_log(int level, str text):
+    if level != GGML_LOG_LEVEL_CONT:
+        _last_level[0] = _LEVELS.get(level, logging.DEBUG)
+    _log_partial.append(text)
+    if not text.endswith("\n"):
+        return
+    line = "".join(_log_partial).rstrip()
+    _log_partial.clear()
+    if not line:
+        return
+    lvl = _last_level[0]
+    _recent_log.append((lvl, line))
+    logger.log(lvl, "%s", line)
+
+
+def _log_mark():
+    """A position in the recent log; pass to _log_since to get what was logged after it."""
+    return len(_recent_log), (_recent_log[-1] if _recent_log else None)
+
+
+def _log_since(mark, int min_level=logging.WARNING):
+    n, last = mark
+    lines = list(_recent_log)
+    if last is not None and last in lines:
+        idx = len(lines) - 1 - lines[::-1].index(last) + 1
+    else:
+        idx = 0
+    return [line for lvl, line in lines[idx:] if lvl >= min_level]
+
+
+def _stop_logging():
+    mullama_atomic_store(&_log_enabled, 0)
+
+
+mullama_atomic_store(&_log_enabled, 1)
+llama_log_set(_log_callback, NULL)
+atexit.register(_stop_logging)
+
+llama_backend_init()
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupts: a C flag another thread can set (cancel), and SIGINT polled at most every 20 ms.
+
+cdef struct Interrupt:
+    int cancel            # set by cancel() from any thread
+    int check_signals     # poll Python signal handlers (the calling thread is the main thread)
+    int64_t last_poll_us
+    int interrupted       # a signal handler raised; the exception is in exc
+    PyObject * exc
+
+
+cdef cbool _poll_interrupt(void * data) noexcept nogil:
+    """The abort callback of every context; also polled between tokens. Cheap unless a poll is due."""
+    cdef Interrupt * it = <Interrupt *> data
+    cdef int64_t now
+    if mullama_atomic_load(&it.cancel) or it.interrupted:
+        return True
+    if it.check_signals:
+        now = ggml_time_us()
+        if now - it.last_poll_us >= 20000:
+            it.last_poll_us = now
+            with gil:
+                _poll_signals(it)
+    return it.interrupted != 0
+
+
+cdef void _poll_signals(Interrupt * it) noexcept:
+    try:
+        PyErr_CheckSignals()
+    except BaseException as exc:
+        Py_INCREF(exc)
+        it.exc = <PyObject *> exc
+        it.interrupted = 1
+
+
+cdef inline void _arm_interrupt(Interrupt * it):
+    it.cancel = 0
+    it.interrupted = 0
+    it.exc = NULL
+    it.last_poll_us = 0
+    it.check_signals = threading.current_thread() is threading.main_thread()
+
+
+cdef int _raise_interrupt(Interrupt * it) except -1:
+    """After a native loop: re-raise what a signal handler raised, or report a cancel."""
+    cdef PyObject * exc = it.exc
+    it.exc = NULL
+    if it.interrupted and exc != NULL:
+        it.interrupted = 0
+        obj = <object> exc
+        Py_XDECREF(exc)
+        raise obj
+    if mullama_atomic_load(&it.cancel):
+        it.cancel = 0
+        raise GenerationCancelled("generation was cancelled")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+cdef bytes _utf8(str text, str what):
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(
+            f"{what} is not valid Unicode text ({exc.reason} at index {exc.start}); "
+            "remove lone surrogates or encode with errors='replace' first"
+        ) from None
+
+
+cdef int _check_int(object value, str name, long lo, long hi) except? -1:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{name} must be an int, got {value!r}")
+    if value < lo or value > hi:
+        raise InvalidArgumentError(f"{name}={value!r} is out of range [{lo}, {hi}]")
+    return value
+
+
+cdef int _default_threads():
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def backend_init():
+    """Initialise llama.cpp's backends. Done on import; calling it again is harmless."""
+    llama_backend_init()
+
+
+def backend_free():
+    """Release llama.cpp's global backend state (optional, at the end of a program)."""
+    llama_backend_free()
+
+
+def supports_gpu_offload():
+    """True when this build has a GPU backend (e.g. built with GGML_CUDA=1)."""
+    return bool(llama_supports_gpu_offload())
+
+
+def supports_mmap():
+    return bool(llama_supports_mmap())
+
+
+def supports_mlock():
+    return bool(llama_supports_mlock())
+
+
+def system_info():
+    """llama.cpp's description of the CPU features and backends this build uses."""
+    return llama_print_system_info().decode("utf-8", "replace")
+
+
+def max_devices():
+    """The most devices a model can be split across in this build."""
+    return int(llama_max_devices())
+
+
+def version():
+    """The llama.cpp version this extension was built from."""
+    return llama_version().decode("utf-8", "replace")

@@ -1,0 +1,111 @@
+"""The exceptions mullama raises.
+
+Every error mullama raises on purpose derives from :class:`MullamaError`; where a built-in
+exception fits, the class derives from it too, so ``except FileNotFoundError`` keeps working::
+
+    MullamaError
+     +-- ModelLoadError
+     |    +-- ModelNotFoundError        (also FileNotFoundError)
+     |    +-- InvalidModelError         (also ValueError): not GGUF, truncated, unsupported
+     +-- ContextCreateError             (also MemoryError): n_ctx/n_batch beyond what can be allocated
+     +-- InvalidArgumentError           (also ValueError): bad parameters, empty prompt, bad token id
+     |    +-- ContextOverflowError      a prompt or text longer than the context can hold
+     +-- DecodeError                    llama_decode failed (no cache slot, backend failure)
+     +-- EmbeddingsDisabledError        (also RuntimeError): embeddings on a context without them
+     +-- ClosedError                    (also RuntimeError): the object was closed
+     +-- ContextBusyError               (also RuntimeError): a stream still owns the context
+     +-- ChatTemplateError              (also ValueError): no template, or it cannot be applied
+     +-- GenerationCancelled            a generation was cancelled from another thread
+
+KeyboardInterrupt raised during a native loop is passed through unchanged.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MullamaError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "InvalidModelError",
+    "ContextCreateError",
+    "InvalidArgumentError",
+    "ContextOverflowError",
+    "DecodeError",
+    "EmbeddingsDisabledError",
+    "ClosedError",
+    "ContextBusyError",
+    "ChatTemplateError",
+    "GenerationCancelled",
+    "decode_error",
+]
+
+
+class MullamaError(Exception):
+    """Base class of every error raised by mullama."""
+
+
+class ModelLoadError(MullamaError):
+    """A model file could not be loaded."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """The model path does not exist or is not a file."""
+
+
+class InvalidModelError(ModelLoadError, ValueError):
+    """The file is not a loadable GGUF model (bad magic, truncated, unsupported architecture)."""
+
+
+class ContextCreateError(MullamaError, MemoryError):
+    """llama.cpp could not create a context with the requested sizes."""
+
+
+class InvalidArgumentError(MullamaError, ValueError):
+    """A parameter, prompt or token id is outside what is allowed."""
+
+
+class ContextOverflowError(InvalidArgumentError):
+    """The input is longer than the context can hold."""
+
+
+class DecodeError(MullamaError):
+    """llama_decode reported a failure."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EmbeddingsDisabledError(MullamaError, RuntimeError):
+    """Embeddings were requested from a context created without ``embeddings=True``."""
+
+
+class ClosedError(MullamaError, RuntimeError):
+    """The object was closed and can no longer be used."""
+
+
+class ContextBusyError(MullamaError, RuntimeError):
+    """The context is owned by an unfinished stream of the calling thread."""
+
+
+class ChatTemplateError(MullamaError, ValueError):
+    """The chat template is missing or cannot be applied to the messages."""
+
+
+class GenerationCancelled(MullamaError):
+    """The generation was cancelled (``cancel()``) before it finished."""
+
+
+# llama_decode's documented results (llama.h): the one place they become exceptions.
+_DECODE_RESULTS = {
+    1: (DecodeError, "no free slot in the context's memory for the batch; use a larger n_ctx or call clear_cache()"),
+    -1: (InvalidArgumentError, "llama.cpp rejected the batch as invalid (token id, position or sequence id)"),
+}
+
+
+def decode_error(code: int, what: str) -> MullamaError:
+    """Map a non-zero, non-abort result of llama_decode/llama_encode to an exception."""
+    cls, why = _DECODE_RESULTS.get(code, (DecodeError, "the backend failed to compute the batch"))
+    if cls is DecodeError:
+        return DecodeError(f"{what}: llama_decode returned {code}: {why}", code)
+    return cls(f"{what}: llama_decode returned {code}: {why}")

@@ -1,0 +1,13 @@
+# cython: language_level=3
+# distutils: language = c++
+"""mullama's native core: Model, Context and EmbeddingGenerator over llama.cpp.
+
+Split by concern into include files: _core.pxi (logging, errors, interrupts, helpers),
+_model.pxi, _sampling.pxi, _context.pxi (the nogil generation loop) and _embedding.pxi.
+"""
+
+include "_core.pxi"
+include "_model.pxi"
+include "_sampling.pxi"
+include "_context.pxi"
+include "_embedding.pxi"

@@ -1,0 +1,388 @@
+# Model: the one owner of a llama_model pointer.
+
+cdef class Model:
+    """A GGUF model loaded into memory. Load with :meth:`Model.load`.
+
+    >>> model = Model.load("SmolLM2-135M-Instruct.Q4_1.gguf")   # doctest: +SKIP
+    >>> model.tokenize("Hello")                                 # doctest: +SKIP
+    [19556]
+    """
+
+    cdef llama_model * ptr
+    cdef const llama_vocab * vocab
+    cdef readonly str path
+    cdef int _n_vocab
+    cdef int _users             # open contexts that use ptr; close() waits for them
+    cdef bint _close_requested
+
+    def __cinit__(self):
+        self.ptr = NULL
+        self.vocab = NULL
+        self._users = 0
+        self._close_requested = False
+
+    def __init__(self):
+        raise TypeError("use Model.load(path) to load a model")
+
+    @staticmethod
+    def load(path, *, int n_gpu_layers=0, bint use_mmap=True, bint use_mlock=False, bint vocab_only=False):
+        """Load a GGUF file.
+
+        ``n_gpu_layers`` layers go to the GPU when the build has one (-1 means all).
+        Raises ModelNotFoundError for a missing path or a directory, InvalidModelError for a file
+        that is not a loadable GGUF model; the message carries llama.cpp's own reason.
+        """
+        try:
+            fspath = os.fspath(path)
+        except TypeError:
+            raise InvalidArgumentError(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
+        if isinstance(fspath, bytes):
+            fspath = os.fsdecode(fspath)
+        if not fspath:
+            raise ModelNotFoundError("model path is empty; pass the path of a .gguf file")
+        if "\0" in fspath:
+            raise InvalidArgumentError(f"model path {fspath!r} contains a NUL character")
+        if not os.path.exists(fspath):
+            raise ModelNotFoundError(f"model file not found: {fspath!r}")
+        if os.path.isdir(fspath):
+            raise ModelNotFoundError(f"model path is a directory, not a .gguf file: {fspath!r}")
+        try:
+            with open(fspath, "rb") as f:
+                magic = f.read(4)
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read model file {fspath!r}: {exc.strerror}") from exc
+        if magic != b"GGUF":
+            raise InvalidModelError(
+                f"{fspath!r} is not a GGUF file (it starts with {magic!r}, expected b'GGUF')"
+            )
+        if n_gpu_layers < -1:
+            raise InvalidArgumentError(f"n_gpu_layers={n_gpu_layers} must be >= -1 (-1 offloads all layers)")
+
+        cdef llama_model_params params = llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only
+        if use_mmap and use_mlock:
+            params.load_mode = LLAMA_LOAD_MODE_MMAP_MLOCK
+        elif use_mmap:
+            params.load_mode = LLAMA_LOAD_MODE_MMAP
+        elif use_mlock:
+            params.load_mode = LLAMA_LOAD_MODE_MLOCK
+        else:
+            params.load_mode = LLAMA_LOAD_MODE_NONE
+        cdef bytes bpath = os.fsencode(fspath)
+        cdef const char * cpath = bpath
+        cdef llama_model * ptr
+        mark = _log_mark()
+        with nogil:
+            ptr = llama_model_load_from_file(cpath, params)
+        if ptr == NULL:
+            why = _log_since(mark, logging.ERROR) or _log_since(mark)
+            detail = "; ".join(why[-4:]) if why else "no reason was logged"
+            raise InvalidModelError(f"llama.cpp could not load {fspath!r}: {detail}")
+        cdef Model model = Model.__new__(Model)
+        model.ptr = ptr
+        model.vocab = llama_model_get_vocab(ptr)
+        model._n_vocab = llama_vocab_n_tokens(model.vocab)
+        model.path = fspath
+        return model
+
+    def close(self):
+        """Free the model. Contexts still open on it keep the weights alive until they close."""
+        self._close_requested = True
+        self._free_if_unused()
+
+    cdef void _free_if_unused(self):
+        if self._close_requested and self._users == 0 and self.ptr != NULL:
+            llama_model_free(self.ptr)
+            self.ptr = NULL
+            self.vocab = NULL
+
+    cdef void _acquire(self):
+        self._users += 1
+
+    cdef void _release(self):
+        self._users -= 1
+        self._free_if_unused()
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            llama_model_free(self.ptr)
+            self.ptr = NULL
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    cdef inline int _check(self) except -1:
+        if self.ptr == NULL or self._close_requested:
+            raise ClosedError("this Model is closed")
+        return 0
+
+    @property
+    def closed(self):
+        return self.ptr == NULL or self._close_requested
+
+    def __repr__(self):
+        if self.closed:
+            return "<mullama.Model closed>"
+        return f"<mullama.Model {self.description!r} from {self.path!r}>"
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def n_ctx_train(self):
+        """The context length the model was trained with."""
+        self._check()
+        return llama_model_n_ctx_train(self.ptr)
+
+    @property
+    def n_embd(self):
+        """Embedding width (hidden size)."""
+        self._check()
+        return llama_model_n_embd(self.ptr)
+
+    @property
+    def n_vocab(self):
+        """Number of tokens in the vocabulary."""
+        self._check()
+        return self._n_vocab
+
+    @property
+    def n_layer(self):
+        self._check()
+        return llama_model_n_layer(self.ptr)
+
+    @property
+    def n_head(self):
+        self._check()
+        return llama_model_n_head(self.ptr)
+
+    @property
+    def token_bos(self):
+        """The beginning-of-sequence token id (-1 if the model has none)."""
+        self._check()
+        return llama_vocab_bos(self.vocab)
+
+    @property
+    def token_eos(self):
+        """The end-of-sequence token id (-1 if the model has none)."""
+        self._check()
+        return llama_vocab_eos(self.vocab)
+
+    @property
+    def size(self):
+        """Total size of the model's tensors in bytes."""
+        self._check()
+        return llama_model_size(self.ptr)
+
+    @property
+    def n_params(self):
+        """Number of parameters."""
+        self._check()
+        return llama_model_n_params(self.ptr)
+
+    @property
+    def description(self):
+        """A short description such as ``'llama ?B Q4_1'``."""
+        self._check()
+        cdef char buf[256]
+        cdef int32_t n = llama_model_desc(self.ptr, buf, sizeof(buf))
+        return buf[:max(0, min(n, 255))].decode("utf-8", "replace")
+
+    @property
+    def architecture(self):
+        """The ``general.architecture`` metadata value, e.g. ``'llama'``."""
+        return self._meta("general.architecture")
+
+    @property
+    def name(self):
+        """The ``general.name`` metadata value ('' if the file has none)."""
+        return self._meta("general.name")
+
+    @property
+    def has_encoder(self):
+        self._check()
+        return bool(llama_model_has_encoder(self.ptr))
+
+    @property
+    def chat_template(self):
+        """The chat template stored in the model, or None."""
+        self._check()
+        cdef const char * t = llama_model_chat_template(self.ptr, NULL)
+        return None if t == NULL else t.decode("utf-8", "replace")
+
+    def _meta(self, str key):
+        self._check()
+        cdef bytes bkey = key.encode()
+        cdef int32_t n = llama_model_meta_val_str(self.ptr, bkey, NULL, 0)
+        if n < 0:
+            return ""
+        cdef bytearray buf = bytearray(n + 1)
+        llama_model_meta_val_str(self.ptr, bkey, <char *> buf, n + 1)
+        return bytes(buf[:n]).decode("utf-8", "replace")
+
+    def metadata(self):
+        """All scalar GGUF metadata as ``{key: value}`` strings (arrays are not included)."""
+        self._check()
+        cdef int32_t count = llama_model_meta_count(self.ptr)
+        cdef int32_t i, n
+        cdef bytearray buf
+        out = {}
+        for i in range(count):
+            n = llama_model_meta_key_by_index(self.ptr, i, NULL, 0)
+            if n < 0:
+                continue
+            buf = bytearray(n + 1)
+            llama_model_meta_key_by_index(self.ptr, i, <char *> buf, n + 1)
+            key = bytes(buf[:n]).decode("utf-8", "replace")
+            n = llama_model_meta_val_str_by_index(self.ptr, i, NULL, 0)
+            if n < 0:
+                continue
+            buf = bytearray(n + 1)
+            llama_model_meta_val_str_by_index(self.ptr, i, <char *> buf, n + 1)
+            out[key] = bytes(buf[:n]).decode("utf-8", "replace")
+        return out
+
+    # -- vocabulary -----------------------------------------------------------------------------
+
+    def tokenize(self, text, add_bos=True, special=False):
+        """Text to token ids.
+
+        ``add_bos`` adds the model's BOS (and EOS) token where the model asks for it;
+        ``special`` parses special-token text such as ``<|im_start|>`` into their ids.
+        """
+        self._check()
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"text must be a str, got {type(text).__name__}")
+        cdef bytes data = _utf8(text, "text")
+        return self._tokenize_bytes(data, add_bos, special)
+
+    cdef list _tokenize_bytes(self, bytes data, bint add_bos, bint special):
+        cdef const char * cdata = data
+        if len(data) > 0x7FFFFFFF // 2:
+            raise InvalidArgumentError(f"text of {len(data)} bytes is too long to tokenize")
+        cdef int32_t length = <int32_t> len(data)
+        cdef int32_t cap = length + 8
+        cdef vector[llama_token] toks
+        cdef int32_t n
+        toks.resize(cap)
+        with nogil:
+            n = llama_tokenize(self.vocab, cdata, length, toks.data(), cap, add_bos, special)
+            if n < 0 and n != -2147483648:
+                cap = -n
+                toks.resize(cap)
+                n = llama_tokenize(self.vocab, cdata, length, toks.data(), cap, add_bos, special)
+        if n < 0:
+            raise InvalidArgumentError(f"text of {length} bytes could not be tokenized (result too large)")
+        return [toks[i] for i in range(n)]
+
+    cdef int _tokens_to_vector(self, object tokens, vector[llama_token] & out) except -1:
+        """Validate token ids against the vocabulary and copy them into a C vector."""
+        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+            raise InvalidArgumentError(f"tokens must be a sequence of ints, got {type(tokens).__name__}")
+        cdef long t
+        cdef Py_ssize_t i = 0
+        out.clear()
+        for tok in tokens:
+            if isinstance(tok, bool) or not isinstance(tok, int):
+                if hasattr(tok, "__index__") and not isinstance(tok, (bool, float)):
+                    tok = tok.__index__()
+                else:
+                    raise InvalidArgumentError(f"token at index {i} is {tok!r}, not an int token id")
+            if tok < 0 or tok >= self._n_vocab:
+                raise InvalidArgumentError(
+                    f"token id {tok} at index {i} is outside the vocabulary [0, {self._n_vocab})"
+                )
+            out.push_back(<llama_token> tok)
+            i += 1
+        return 0
+
+    def detokenize(self, tokens, remove_special=False, unparse_special=False):
+        """Token ids to text. ``unparse_special`` renders special tokens as their text."""
+        self._check()
+        cdef vector[llama_token] toks
+        self._tokens_to_vector(tokens, toks)
+        if toks.size() == 0:
+            return ""
+        cdef int32_t cap = <int32_t> toks.size() * 8 + 16
+        cdef string buf
+        cdef int32_t n
+        cdef bint rm = remove_special, unparse = unparse_special
+        buf.resize(cap)
+        with nogil:
+            n = llama_detokenize(self.vocab, toks.data(), <int32_t> toks.size(), &buf[0], cap, rm, unparse)
+            if n < 0:
+                cap = -n
+                buf.resize(cap)
+                n = llama_detokenize(self.vocab, toks.data(), <int32_t> toks.size(), &buf[0], cap, rm, unparse)
+        if n < 0:
+            raise InvalidArgumentError("tokens could not be detokenized")
+        return buf.substr(0, n).decode("utf-8", "replace")
+
+    def token_is_eog(self, token):
+        """True if ``token`` ends generation (EOS, EOT, ...)."""
+        self._check()
+        _check_int(token, "token", 0, self._n_vocab - 1)
+        return bool(llama_vocab_is_eog(self.vocab, token))
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        """Format a chat with the template stored in the model.
+
+        ``messages`` are ``(role, content)`` tuples or ``{"role": ..., "content": ...}`` dicts.
+
+        >>> model.apply_chat_template([("user", "Hi")])   # doctest: +SKIP
+        '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+        """
+        self._check()
+        cdef const char * tmpl = llama_model_chat_template(self.ptr, NULL)
+        if tmpl == NULL:
+            raise ChatTemplateError(f"model {self.path!r} has no chat template; format the prompt yourself")
+        if isinstance(messages, (str, bytes, dict)) or not hasattr(messages, "__iter__"):
+            raise ChatTemplateError("messages must be a list of (role, content) tuples or dicts")
+        encoded = []
+        for i, m in enumerate(messages):
+            if isinstance(m, dict):
+                if "role" not in m or "content" not in m:
+                    raise ChatTemplateError(f"message {i} needs 'role' and 'content' keys, got {sorted(m)}")
+                role, content = m["role"], m["content"]
+            elif isinstance(m, (tuple, list)) and len(m) == 2:
+                role, content = m
+            else:
+                raise ChatTemplateError(f"message {i} must be a (role, content) tuple or a dict, got {m!r}")
+            if not isinstance(role, str) or not isinstance(content, str):
+                raise ChatTemplateError(
+                    f"message {i}: role and content must be str, got {type(role).__name__} and "
+                    f"{type(content).__name__}"
+                )
+            if not role:
+                raise ChatTemplateError(f"message {i} has an empty role")
+            encoded.append((_utf8(role, f"message {i} role").replace(b"\0", b""),
+                            _utf8(content, f"message {i} content").replace(b"\0", b"")))
+        if not encoded:
+            raise ChatTemplateError("messages is empty; give at least one message")
+        cdef Py_ssize_t n_msg = len(encoded)
+        cdef llama_chat_message * chat = <llama_chat_message *> malloc(n_msg * sizeof(llama_chat_message))
+        if chat == NULL:
+            raise MemoryError()
+        cdef int32_t total = 64
+        cdef int32_t n
+        cdef bytearray buf
+        try:
+            for i in range(n_msg):
+                chat[i].role = <const char *> encoded[i][0]
+                chat[i].content = <const char *> encoded[i][1]
+                total += len(encoded[i][0]) + len(encoded[i][1])
+            buf = bytearray(total * 2)
+            n = llama_chat_apply_template(tmpl, chat, n_msg, add_generation_prompt, <char *> buf, len(buf))
+            if n > len(buf):
+                buf = bytearray(n + 1)
+                n = llama_chat_apply_template(tmpl, chat, n_msg, add_generation_prompt, <char *> buf, len(buf))
+        finally:
+            free(chat)
+        if n < 0:
+            raise ChatTemplateError(
+                "llama.cpp does not support this model's chat template; format the prompt yourself"
+            )
+        return bytes(buf[:n]).decode("utf-8", "replace")
