@@ -44,7 +44,7 @@ KNOWN_SETTINGS = {
     "MULLAMA_SANITIZE",
     "MULLAMA_BUILD_CACHE",
     "MULLAMA_CACHE",  # the model cache, read at run time, not by the build
-    "MULLAMA_BUILD_VERBOSE",
+    "MULLAMA_EXAMPLE_THREADS",  # threads of the llama.cpp example programs (tests, benchmarks)
 }
 SANITIZERS = {"address": "LLAMA_SANITIZE_ADDRESS", "undefined": "LLAMA_SANITIZE_UNDEFINED"}
 
@@ -292,7 +292,9 @@ def ensure_built(settings: Settings | None = None) -> BuiltLlama:
         if stamp.is_file():
             built = BuiltLlama.from_json(stamp.read_text())
             if all(p.is_file() for p in built.libraries):
+                # Same source hash, so the headers of this checkout are the ones it was built with.
                 built.source_dir = settings.source_dir
+                built.include_dirs = [settings.source_dir / "include", settings.source_dir / "ggml" / "include"]
                 return built
         (build_dir / "mullama-key.json").write_text(key_src)
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
@@ -322,17 +324,40 @@ def ensure_built(settings: Settings | None = None) -> BuiltLlama:
         return built
 
 
+# llama.cpp's examples take llama.cpp's default thread count (4), which oversubscribes a small
+# machine badly (spinning barriers on 2 cores make a token take seconds). The shim lets the
+# reference loop run unchanged with the thread count from MULLAMA_EXAMPLE_THREADS.
+_THREADS_SHIM = r"""
+#include <cstdlib>
+#include <thread>
+#include "llama.h"
+extern "C" struct llama_context * mullama_example_init_from_model(struct llama_model * model,
+                                                                  struct llama_context_params params) {
+    const char * env = std::getenv("MULLAMA_EXAMPLE_THREADS");
+    int n = env ? std::atoi(env) : (int) std::thread::hardware_concurrency();
+    if (n > 0) { params.n_threads = n; params.n_threads_batch = n; }
+    return llama_init_from_model(model, params);
+}
+"""
+
+
 def build_example(name: str, source: str, built: BuiltLlama | None = None) -> Path:
     """Compile one of llama.cpp's own C++ programs (e.g. examples/simple/simple.cpp) against
-    the cached static libraries; used by tests and benchmarks as the reference C loop."""
+    the cached static libraries; used by tests and benchmarks as the reference C loop.
+    The program runs with MULLAMA_EXAMPLE_THREADS threads (default: all cores)."""
     built = built or ensure_built()
     out = built.build_dir.parent / "bin" / name
     src = built.source_dir / source
-    if out.is_file() and out.stat().st_mtime >= src.stat().st_mtime:
+    if out.is_file() and out.stat().st_mtime >= src.stat().st_mtime and out.stat().st_mtime >= Path(__file__).stat().st_mtime:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    shim = out.parent / "threads_shim.cpp"
+    shim.write_text(_THREADS_SHIM)
     cxx = os.environ.get("CXX") or "c++"
-    _run([cxx, "-O2", "-std=c++17", *[f"-I{d}" for d in built.include_dirs], str(src), "-o", str(out),
+    includes = [f"-I{d}" for d in built.include_dirs]
+    _run([cxx, "-O2", "-std=c++17", *includes, "-c", str(shim), "-o", str(shim.with_suffix(".o"))])
+    _run([cxx, "-O2", "-std=c++17", *includes, "-Dllama_init_from_model=mullama_example_init_from_model",
+          str(src), str(shim.with_suffix(".o")), "-o", str(out),
           *[str(p) for p in built.libraries], *built.link_args])
     return out
 

@@ -74,6 +74,9 @@ cdef void _log_callback(ggml_log_level level, const char * text, void * user_dat
             pass
 
 
+_log_seq = [0]
+
+
 def _handle_log(int level, str text):
     if level != GGML_LOG_LEVEL_CONT:
         _last_level[0] = _LEVELS.get(level, logging.DEBUG)
@@ -85,23 +88,18 @@ def _handle_log(int level, str text):
     if not line:
         return
     lvl = _last_level[0]
-    _recent_log.append((lvl, line))
+    _log_seq[0] += 1
+    _recent_log.append((_log_seq[0], lvl, line))
     logger.log(lvl, "%s", line)
 
 
 def _log_mark():
-    """A position in the recent log; pass to _log_since to get what was logged after it."""
-    return len(_recent_log), (_recent_log[-1] if _recent_log else None)
+    """A position in llama.cpp's log; _log_since(mark) gives the lines logged after it."""
+    return _log_seq[0]
 
 
 def _log_since(mark, int min_level=logging.WARNING):
-    n, last = mark
-    lines = list(_recent_log)
-    if last is not None and last in lines:
-        idx = len(lines) - 1 - lines[::-1].index(last) + 1
-    else:
-        idx = 0
-    return [line for lvl, line in lines[idx:] if lvl >= min_level]
+    return [line for seq, lvl, line in list(_recent_log) if seq > mark and lvl >= min_level]
 
 
 def _stop_logging():

@@ -193,12 +193,12 @@ cdef class Model:
 
     @property
     def architecture(self):
-        """The ``general.architecture`` metadata value, e.g. ``'llama'``."""
+        """The ``general.architecture`` metadata value, e.g. ``'llama'`` (None if absent)."""
         return self._meta("general.architecture")
 
     @property
     def name(self):
-        """The ``general.name`` metadata value ('' if the file has none)."""
+        """The ``general.name`` metadata value (None if the file has none)."""
         return self._meta("general.name")
 
     @property
@@ -218,7 +218,7 @@ cdef class Model:
         cdef bytes bkey = key.encode()
         cdef int32_t n = llama_model_meta_val_str(self.ptr, bkey, NULL, 0)
         if n < 0:
-            return ""
+            return None
         cdef bytearray buf = bytearray(n + 1)
         llama_model_meta_val_str(self.ptr, bkey, <char *> buf, n + 1)
         return bytes(buf[:n]).decode("utf-8", "replace")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 from ._errors import InvalidArgumentError
 
@@ -59,21 +61,42 @@ class SamplerParams:
         check(0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]")
         check(0.0 <= self.typical_p <= 1.0, "typical_p", "in [0, 1]")
         check(self.penalty_repeat > 0, "penalty_repeat", "> 0 (1.0 disables it)")
-        check(self.penalty_last_n >= -1, "penalty_last_n", ">= -1 (-1 means the whole context)")
+        check(self.penalty_last_n >= 0, "penalty_last_n", ">= 0 (0 disables the penalties)")
         check(0 <= self.seed <= 0xFFFFFFFF, "seed", "in [0, 2**32 - 1] (0 means random)")
         return self
 
 
+    @classmethod
+    def coerce(cls, params: "SamplerParams | Mapping[str, Any] | None") -> "SamplerParams":
+        """None -> defaults; a mapping of field names -> SamplerParams; always validated."""
+        if params is None:
+            return cls()
+        if isinstance(params, cls):
+            return params.validated()
+        if isinstance(params, Mapping):
+            names = {f.name for f in fields(cls)}
+            unknown = sorted(set(params) - names)
+            if unknown:
+                raise InvalidArgumentError(
+                    f"unknown sampler parameter(s) {unknown}; SamplerParams has {sorted(names)}"
+                )
+            return cls(**params).validated()
+        raise InvalidArgumentError(
+            f"params must be a SamplerParams or a dict of its fields, got {type(params).__name__}"
+        )
+
+
+# The presets keep the values of the original Mullama documentation.
 def sampler_params_greedy() -> SamplerParams:
     """Deterministic: always the most likely token."""
     return SamplerParams(temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, penalty_repeat=1.0)
 
 
 def sampler_params_creative() -> SamplerParams:
-    """Varied output: higher temperature, wider nucleus."""
-    return SamplerParams(temperature=1.2, top_k=100, top_p=0.98, min_p=0.02, penalty_repeat=1.05)
+    """High randomness: hot temperature, wide top-k."""
+    return SamplerParams(temperature=1.2, top_k=100, top_p=0.95, min_p=0.0, penalty_repeat=1.0)
 
 
 def sampler_params_precise() -> SamplerParams:
-    """Focused output: low temperature, narrow nucleus, stronger repetition penalty."""
-    return SamplerParams(temperature=0.3, top_k=20, top_p=0.8, min_p=0.1, penalty_repeat=1.15)
+    """Low randomness: cool temperature, narrow top-k and nucleus."""
+    return SamplerParams(temperature=0.3, top_k=20, top_p=0.8, min_p=0.05, penalty_repeat=1.1)

@@ -2,11 +2,7 @@
 
 cdef llama_sampler * _make_sampler(object params, int n_vocab) except NULL:
     """Build a sampler chain; the caller frees it with llama_sampler_free."""
-    if params is None:
-        params = SamplerParams()
-    elif not isinstance(params, SamplerParams):
-        raise InvalidArgumentError(f"params must be a SamplerParams, got {type(params).__name__}")
-    params.validated()
+    params = SamplerParams.coerce(params)
     cdef llama_sampler_chain_params cp = llama_sampler_chain_default_params()
     cp.no_perf = True
     cdef llama_sampler * chain = llama_sampler_chain_init(cp)

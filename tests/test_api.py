@@ -1,0 +1,71 @@
+"""Module-level functions, SamplerParams and its presets, the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+import mullama
+
+
+def test_sampler_params_defaults():
+    p = mullama.SamplerParams()
+    assert dataclasses.asdict(p) == dict(
+        temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, typical_p=1.0, penalty_repeat=1.1,
+        penalty_freq=0.0, penalty_present=0.0, penalty_last_n=64, seed=0,
+    )
+
+
+def test_presets():
+    g = mullama.sampler_params_greedy()
+    assert (g.temperature, g.top_k, g.top_p, g.min_p, g.penalty_repeat) == (0.0, 1, 1.0, 0.0, 1.0)
+    c = mullama.sampler_params_creative()
+    assert (c.temperature, c.top_k, c.top_p, c.min_p, c.penalty_repeat) == (1.2, 100, 0.95, 0.0, 1.0)
+    p = mullama.sampler_params_precise()
+    assert (p.temperature, p.top_k, p.top_p, p.min_p, p.penalty_repeat) == (0.3, 20, 0.8, 0.05, 1.1)
+    assert mullama.sampler_params_creative().temperature > mullama.SamplerParams().temperature
+    assert mullama.sampler_params_precise().temperature < mullama.SamplerParams().temperature
+    for preset in (mullama.sampler_params_greedy, mullama.sampler_params_creative, mullama.sampler_params_precise):
+        assert preset().validated()
+
+
+def test_backend_functions():
+    mullama.backend_init()
+    assert isinstance(mullama.supports_gpu_offload(), bool)
+    assert "CPU" in mullama.system_info()
+    assert mullama.max_devices() >= 1
+    assert mullama.version()
+
+
+def test_public_names_are_exported():
+    for name in mullama.__all__:
+        assert hasattr(mullama, name), name
+
+
+def test_models_fetch_unknown_name():
+    with pytest.raises(mullama.ModelNotFoundError, match="unknown model"):
+        mullama.models.fetch("no-such-model")
+
+
+def test_models_fetch_is_cached(smollm_path):
+    again = mullama.models.fetch("smollm2-135m-instruct")
+    assert again == smollm_path and again.stat().st_size > 90_000_000
+
+
+def test_cli_generate_streams_a_completion(smollm_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mullama", "generate", "The capital of France is", "-n", "8", "--temp", "0",
+         "-m", str(smollm_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(" Paris")
+
+
+def test_cli_reports_a_bad_model_path(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mullama", "generate", "hi", "-m", str(tmp_path / "x.gguf")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "not found" in proc.stderr
