@@ -475,6 +475,7 @@ cdef class TokenStream:
     cdef vector[llama_token] prompt
     cdef bint started
     cdef bint done
+    cdef bint cancel_requested
     cdef readonly object finish_reason
 
     def __cinit__(self):
@@ -489,6 +490,7 @@ cdef class TokenStream:
         s.prompt = toks
         s.started = False
         s.done = False
+        s.cancel_requested = False
         ctx._init_gen(&s.g, s.smpl, max_tokens)
         s.g.out = &s.out
         return s
@@ -506,6 +508,8 @@ cdef class TokenStream:
             self.ctx._enter()
             self.ctx._owner = threading.current_thread()
             self.started = True
+            if self.cancel_requested:  # cancel() came before the context was ours
+                mullama_atomic_store(&self.ctx.interrupt.cancel, 1)
             try:
                 self.ctx._prepare(self.prompt)
             except BaseException:
@@ -514,6 +518,8 @@ cdef class TokenStream:
             self.g.interrupt = &self.ctx.interrupt
         else:
             _arm_interrupt(&self.ctx.interrupt)
+            if self.cancel_requested:
+                mullama_atomic_store(&self.ctx.interrupt.cancel, 1)
         with nogil:
             while True:
                 rc = _gen_step(&self.g)
@@ -552,6 +558,13 @@ cdef class TokenStream:
     def close(self):
         """Stop the generation and release the context (idempotent)."""
         self._end()
+
+    def cancel(self):
+        """Make the native loop stop within one token, from any thread; the iterator then
+        raises GenerationCancelled. Also stops the prompt of a stream still reading it."""
+        self.cancel_requested = True
+        if self.started and not self.done:
+            mullama_atomic_store(&self.ctx.interrupt.cancel, 1)
 
     def __enter__(self):
         return self
