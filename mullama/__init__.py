@@ -24,6 +24,7 @@ from ._errors import (
 from ._llama import (
     Context,
     EmbeddingGenerator,
+    Engine,
     Model,
     TokenStream,
     backend_free,
@@ -62,6 +63,7 @@ __all__ = [
     "Context",
     "TokenStream",
     "EmbeddingGenerator",
+    "Engine",
     "SamplerParams",
     "sampler_params_greedy",
     "sampler_params_creative",

@@ -3,7 +3,7 @@
 """mullama's native core: Model, Context and EmbeddingGenerator over llama.cpp.
 
 Split by concern into include files: _core.pxi (logging, errors, interrupts, helpers),
-_model.pxi, _sampling.pxi, _context.pxi (the nogil generation loop) and _embedding.pxi.
+_model.pxi, _sampling.pxi, _context.pxi (the nogil generation loop), _embedding.pxi and _engine.pxi (continuous batching).
 """
 
 include "_core.pxi"
@@ -11,3 +11,4 @@ include "_model.pxi"
 include "_sampling.pxi"
 include "_context.pxi"
 include "_embedding.pxi"
+include "_engine.pxi"

@@ -25,9 +25,10 @@ import anyio
 import sniffio
 
 from ._errors import GenerationCancelled
-from ._llama import Context, EmbeddingGenerator, Model, TokenStream
+from ._batching import EngineRequest
+from ._llama import Context, EmbeddingGenerator, Engine, Model, TokenStream
 
-__all__ = ["load_model", "AsyncContext", "AsyncTokenStream", "AsyncEmbeddingGenerator"]
+__all__ = ["load_model", "AsyncContext", "AsyncTokenStream", "AsyncEmbeddingGenerator", "AsyncEngine", "AsyncEngineStream"]
 
 T = TypeVar("T")
 
@@ -387,6 +388,115 @@ class AsyncEmbeddingGenerator:
             self._gate.release()
 
     async def __aenter__(self) -> AsyncEmbeddingGenerator:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AsyncEngineStream:
+    """Pieces of one engine request: an async iterator and an async context manager, like
+    :class:`AsyncTokenStream`. Leaving early cancels the request; its slot is freed at the
+    engine's next step, without disturbing the other requests."""
+
+    def __init__(self, submit: Callable[[], EngineRequest]) -> None:
+        self._submit = submit
+        self._request: EngineRequest | None = None
+        self._wake: Callable[[Callable[[], object]], None] | None = None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._request.finish_reason if self._request is not None else None
+
+    def _start(self) -> EngineRequest:
+        if self._request is None:
+            self._wake = _loop_waker()
+            self._request = self._submit()
+        return self._request
+
+    def __aiter__(self) -> AsyncEngineStream:
+        return self
+
+    async def __anext__(self) -> str:
+        req = self._start()
+        while True:
+            with req.cond:
+                try:
+                    piece = req.take()
+                except BlockingIOError:
+                    event = anyio.Event()
+                    wake = self._wake
+                    assert wake is not None
+                    req.waker = lambda: wake(event.set)
+                else:
+                    if piece is None:
+                        raise StopAsyncIteration
+                    return piece
+            try:
+                await event.wait()
+            except BaseException:
+                await self.aclose()
+                raise
+
+    async def aclose(self) -> None:
+        """Cancel the request and wait until the engine has let it go."""
+        req = self._request
+        if req is None or req.finished:
+            return
+        req.cancel()
+        with anyio.CancelScope(shield=True):
+            while True:
+                with req.cond:
+                    if req.finished:
+                        return
+                    event = anyio.Event()
+                    wake = self._wake
+                    assert wake is not None
+                    req.waker = lambda: wake(event.set)
+                await event.wait()
+
+    async def __aenter__(self) -> AsyncEngineStream:
+        self._start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        if self._request is not None and not self._request.finished:
+            self._request.cancel()
+
+
+class AsyncEngine:
+    """The async front of :class:`mullama.Engine`: many concurrent streams over one model."""
+
+    def __init__(self, model: Model, **engine_params: Any) -> None:
+        self.engine = Engine(model, **engine_params)
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    def stream(self, prompt: str, max_tokens: int = 100, params: Any = None, *, buffer: int = 8) -> AsyncEngineStream:
+        return AsyncEngineStream(
+            lambda: self.engine._submit(prompt, None, max_tokens, params, buffer))
+
+    def stream_from_tokens(self, tokens: Sequence[int], max_tokens: int = 100, params: Any = None, *,
+                           buffer: int = 8) -> AsyncEngineStream:
+        return AsyncEngineStream(
+            lambda: self.engine._submit(None, tokens, max_tokens, params, buffer))
+
+    async def generate(self, prompt: str, max_tokens: int = 100, params: Any = None) -> str:
+        async with self.stream(prompt, max_tokens, params, buffer=1 << 30) as s:
+            return "".join([piece async for piece in s])
+
+    async def generate_from_tokens(self, tokens: Sequence[int], max_tokens: int = 100, params: Any = None) -> str:
+        async with self.stream_from_tokens(tokens, max_tokens, params, buffer=1 << 30) as s:
+            return "".join([piece async for piece in s])
+
+    async def aclose(self) -> None:
+        await _run_in_thread(self.engine.close)
+
+    async def __aenter__(self) -> AsyncEngine:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,0 +1,1 @@
+"""mullama's benchmarks against its peers. Run ``python -m benchmarks --help``."""

@@ -1,0 +1,130 @@
+"""The Python side of one engine request: a bounded buffer of pieces between the engine thread
+and one consumer (a thread, or a task of an event loop). Pure Python: nothing here needs C."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable
+
+from ._errors import GenerationCancelled
+
+
+class EngineRequest:
+    """One generation served by an Engine. The engine thread produces; one consumer takes."""
+
+    __slots__ = ("tokens", "max_tokens", "params", "capacity", "pieces", "cond", "finished", "error",
+                 "finish_reason", "cancelled", "waker", "engine_wake", "slot", "n_generated", "admitted",
+                 "__weakref__")
+
+    def __init__(self, tokens: list[int], max_tokens: int, params: object, capacity: int,
+                 engine_wake: Callable[[], None]) -> None:
+        self.tokens = tokens
+        self.max_tokens = max_tokens
+        self.params = params
+        self.capacity = capacity
+        self.pieces: collections.deque[str] = collections.deque()
+        self.cond = threading.Condition()
+        self.finished = False
+        self.error: BaseException | None = None
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.waker: Callable[[], None] | None = None   # set by an async consumer while it waits
+        self.engine_wake = engine_wake
+        self.slot = -1
+        self.n_generated = 0
+        self.admitted = False
+
+    # -- engine thread -------------------------------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        return len(self.pieces) >= self.capacity
+
+    def push(self, piece: str) -> None:
+        with self.cond:
+            self.pieces.append(piece)
+            self._notify()
+
+    def finish(self, reason: str | None, error: BaseException | None = None) -> None:
+        with self.cond:
+            if self.finished:
+                return
+            self.finished = True
+            self.finish_reason = reason
+            self.error = error
+            self._notify()
+
+    def _notify(self) -> None:
+        self.cond.notify_all()
+        waker, self.waker = self.waker, None
+        if waker is not None:
+            waker()
+
+    # -- consumer ------------------------------------------------------------------------------
+
+    def take(self) -> str | None:
+        """The next piece, None at the end; raises the request's error. Call with cond held."""
+        if self.pieces:
+            was_full = self.full
+            piece = self.pieces.popleft()
+            if was_full:
+                self.engine_wake()   # the engine paused this slot; it may go on
+            return piece
+        if self.finished:
+            if self.error is not None:
+                error, self.error = self.error, None
+                raise error
+            return None
+        raise BlockingIOError  # nothing yet
+
+    def next_blocking(self) -> str | None:
+        with self.cond:
+            while True:
+                try:
+                    return self.take()
+                except BlockingIOError:
+                    self.cond.wait()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.engine_wake()
+
+
+class EngineStream:
+    """Text pieces of one engine request, for a thread: an iterator and a context manager."""
+
+    def __init__(self, request: EngineRequest) -> None:
+        self._request = request
+
+    @property
+    def finish_reason(self) -> str | None:
+        """"stop", "length" or "context" once the request has ended by itself."""
+        return self._request.finish_reason
+
+    def __iter__(self) -> EngineStream:
+        return self
+
+    def __next__(self) -> str:
+        piece = self._request.next_blocking()
+        if piece is None:
+            raise StopIteration
+        return piece
+
+    def close(self) -> None:
+        """Stop this request (its slot is freed at the engine's next step)."""
+        if not self._request.finished:
+            self._request.cancel()
+
+    def __enter__(self) -> EngineStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def cancelled_error() -> GenerationCancelled:
+    return GenerationCancelled("the request was cancelled")

@@ -1,0 +1,427 @@
+# Engine: continuous batching. One llama_context with n_parallel sequence slots, one engine
+# thread; each step builds one batch (the next token of every running sequence plus prompt
+# chunks of newly admitted ones), decodes it once without the GIL, samples per sequence.
+
+import time as _time
+
+from ._batching import EngineRequest, EngineStream
+
+cdef enum SlotState:
+    SLOT_FREE = 0
+    SLOT_PROMPT = 1
+    SLOT_GEN = 2
+    SLOT_DONE = 3
+
+
+cdef struct ESlot:
+    int state
+    bint paused               # its consumer's buffer is full: skip it this step
+    int n_past                # tokens of this sequence in the cache
+    int prompt_pos            # prompt tokens decoded so far
+    int n_prompt
+    int step_take             # tokens this slot put into the current batch
+    llama_sampler * smpl
+    int max_tokens
+    int n_generated
+    llama_token pending       # sampled and delivered, not yet decoded
+    int batch_idx             # where its logits are in this batch, -1 if none
+    int finish
+    bint sampled              # a token was generated this step
+
+
+cdef int _engine_step(llama_context * ctx, const llama_vocab * vocab, llama_batch * batch,
+                      ESlot * slots, int n_slots, vector[vector[llama_token]] & prompts,
+                      vector[string] & outs, int n_batch, int prompt_chunk, int n_ctx_seq,
+                      int * error) noexcept nogil:
+    """One decode for all running slots. Returns the batch size (0: nothing to do). A failed
+    llama_decode leaves its result in *error and the slots in the batch unchanged."""
+    cdef int i, k, take, n = 0, rc, npiece
+    cdef ESlot * s
+    cdef llama_token tok
+    cdef char buf[256]
+    for i in range(n_slots):
+        s = &slots[i]
+        s.batch_idx = -1
+        s.step_take = 0
+        s.sampled = False
+        if s.state != SLOT_GEN or s.paused:
+            continue
+        if s.n_generated >= s.max_tokens:
+            s.finish = FINISH_LENGTH
+            s.state = SLOT_DONE
+            continue
+        if s.n_past >= n_ctx_seq:
+            s.finish = FINISH_CONTEXT
+            s.state = SLOT_DONE
+            continue
+        batch.token[n] = s.pending
+        batch.pos[n] = s.n_past
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = i
+        batch.logits[n] = 1
+        s.batch_idx = n
+        s.step_take = 1
+        n += 1
+    # Prompt chunks fill what the running sequences leave, so they keep producing tokens.
+    for i in range(n_slots):
+        s = &slots[i]
+        if s.state != SLOT_PROMPT or n >= n_batch:
+            continue
+        take = s.n_prompt - s.prompt_pos
+        if take > prompt_chunk:
+            take = prompt_chunk
+        if take > n_batch - n:
+            take = n_batch - n
+        for k in range(take):
+            batch.token[n + k] = prompts[i][s.prompt_pos + k]
+            batch.pos[n + k] = s.prompt_pos + k
+            batch.n_seq_id[n + k] = 1
+            batch.seq_id[n + k][0] = i
+            batch.logits[n + k] = 0
+        if s.prompt_pos + take == s.n_prompt:
+            batch.logits[n + take - 1] = 1
+            s.batch_idx = n + take - 1
+        s.step_take = take
+        n += take
+    if n == 0:
+        return 0
+    batch.n_tokens = n
+    rc = llama_decode(ctx, batch[0])
+    error[0] = rc
+    if rc != 0:
+        for i in range(n_slots):
+            if slots[i].step_take > 0:
+                llama_memory_seq_rm(llama_get_memory(ctx), i, slots[i].n_past, -1)
+        return n
+    for i in range(n_slots):
+        s = &slots[i]
+        if s.step_take == 0:
+            continue
+        s.n_past += s.step_take
+        if s.state == SLOT_PROMPT:
+            s.prompt_pos += s.step_take
+        if s.batch_idx < 0:
+            continue
+        if s.n_generated >= s.max_tokens:        # max_tokens=0: the prompt only
+            s.finish = FINISH_LENGTH
+            s.state = SLOT_DONE
+            continue
+        tok = llama_sampler_sample(s.smpl, ctx, s.batch_idx)
+        if llama_vocab_is_eog(vocab, tok):
+            s.finish = FINISH_STOP
+            s.state = SLOT_DONE
+            continue
+        npiece = llama_token_to_piece(vocab, tok, buf, sizeof(buf), 0, False)
+        if npiece > 0:
+            outs[i].append(buf, npiece)
+        s.pending = tok
+        s.n_generated += 1
+        s.sampled = True
+        s.state = SLOT_GEN
+    return n
+
+
+cdef class Engine:
+    """Continuous batching: one model, many concurrent requests, one decode per step.
+
+    ``n_parallel`` requests run at once, each in its own sequence of ``n_ctx // n_parallel``
+    tokens; more wait in arrival order. ``generate`` and ``stream`` may be called from many
+    threads at once; :class:`mullama.aio.AsyncEngine` is the async front.
+
+    >>> with Engine(model, n_parallel=4) as engine:                    # doctest: +SKIP
+    ...     print(engine.generate("The capital of France is", 8))
+    """
+
+    cdef Context ctx                 # owns the llama_context; keeps the model alive
+    cdef ESlot * slots
+    cdef int n_slots
+    cdef vector[vector[llama_token]] prompts
+    cdef vector[string] outs
+    cdef list requests               # the request in each slot, or None
+    cdef object waiting              # deque of EngineRequest, arrival order
+    cdef object qlock                # guards waiting; never held while taking a request's lock
+    cdef object kick                 # set when there is something for the engine thread to do
+    cdef object thread
+    cdef bint closing
+    cdef int prompt_chunk
+    cdef int _n_ctx_seq
+    cdef readonly int n_parallel
+    cdef object _done_times          # (time, n_tokens) of recent steps, for tokens/s
+    cdef long long _generated_total
+    cdef long long _steps
+
+    def __cinit__(self):
+        self.slots = NULL
+
+    def __init__(self, Model model not None, *, n_parallel=8, n_ctx=None, n_batch=512, n_threads=0,
+                 prompt_chunk=None):
+        model._check()
+        _check_int(n_parallel, "n_parallel", 1, llama_max_parallel_sequences())
+        if n_ctx is None:
+            n_ctx = n_parallel * min(2048, llama_model_n_ctx_train(model.ptr))
+        _check_int(n_ctx, "n_ctx", n_parallel * 8, 1 << 24)
+        _check_int(n_batch, "n_batch", max(n_parallel, 8), 1 << 16)
+        self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_seq_max=n_parallel)
+        self.n_parallel = n_parallel
+        self.n_slots = n_parallel
+        self._n_ctx_seq = self.ctx._n_ctx // n_parallel
+        if prompt_chunk is None:
+            prompt_chunk = max(32, n_batch // 2)
+        self.prompt_chunk = _check_int(prompt_chunk, "prompt_chunk", 1, n_batch)
+        self.slots = <ESlot *> malloc(n_parallel * sizeof(ESlot))
+        if self.slots == NULL:
+            raise MemoryError()
+        for i in range(n_parallel):
+            self.slots[i].state = SLOT_FREE
+            self.slots[i].smpl = NULL
+        self.prompts.resize(n_parallel)
+        self.outs.resize(n_parallel)
+        self.requests = [None] * n_parallel
+        self.waiting = collections.deque()
+        self.qlock = threading.Lock()
+        self.kick = threading.Event()
+        self.closing = False
+        self._done_times = collections.deque(maxlen=256)
+        self._generated_total = 0
+        self._steps = 0
+        self.thread = threading.Thread(target=self._loop, name="mullama-engine", daemon=True)
+        self.thread.start()
+
+    @property
+    def n_ctx_per_sequence(self):
+        return self._n_ctx_seq
+
+    @property
+    def model(self):
+        return self.ctx.model
+
+    # -- submission (any thread) ---------------------------------------------------------------
+
+    def _submit(self, prompt, tokens, max_tokens, params, int capacity):
+        if self.closing:
+            raise ClosedError("this Engine is closed")
+        cdef vector[llama_token] toks
+        if tokens is None:
+            self.ctx._prompt_tokens(prompt, toks)
+        else:
+            self.ctx.model._tokens_to_vector(tokens, toks)
+        if toks.size() == 0:
+            raise InvalidArgumentError("prompt is empty; give at least one token of text")
+        if <int> toks.size() > self._n_ctx_seq:
+            raise ContextOverflowError(
+                f"prompt is {toks.size()} tokens but each engine sequence holds {self._n_ctx_seq} "
+                "(n_ctx // n_parallel); use a larger n_ctx or a shorter prompt"
+            )
+        _check_int(max_tokens, "max_tokens", 0, 1 << 30)
+        params = SamplerParams.coerce(params)
+        req = EngineRequest([toks[i] for i in range(toks.size())], max_tokens, params, capacity, self.kick.set)
+        with self.qlock:
+            if self.closing:
+                raise ClosedError("this Engine is closed")
+            self.waiting.append(req)
+        self.kick.set()
+        return req
+
+    def stream(self, prompt, max_tokens=100, params=None, *, buffer=8):
+        """Pieces of one completion, as an iterator; closing it (or leaving ``with``) cancels it."""
+        return EngineStream(self._submit(prompt, None, max_tokens, params, buffer))
+
+    def stream_from_tokens(self, tokens, max_tokens=100, params=None, *, buffer=8):
+        return EngineStream(self._submit(None, tokens, max_tokens, params, buffer))
+
+    def generate(self, prompt, max_tokens=100, params=None):
+        """Complete ``prompt`` alongside the other requests; returns the new text."""
+        with EngineStream(self._submit(prompt, None, max_tokens, params, 1 << 30)) as s:
+            return "".join(s)
+
+    def generate_from_tokens(self, tokens, max_tokens=100, params=None):
+        with EngineStream(self._submit(None, tokens, max_tokens, params, 1 << 30)) as s:
+            return "".join(s)
+
+    def stats(self):
+        """Running and waiting requests, slot use and recent generated tokens per second."""
+        now = _time.monotonic()
+        recent = [(t, n) for t, n in list(self._done_times) if now - t <= 5.0]
+        tps = 0.0
+        if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
+            tps = sum(n for _, n in recent[1:]) / (recent[-1][0] - recent[0][0])
+        running = sum(1 for r in self.requests if r is not None)
+        return {
+            "running": running,
+            "waiting": sum(1 for r in list(self.waiting) if not r.cancelled),
+            "slots": self.n_slots,
+            "slot_use": running / self.n_slots,
+            "tokens_per_second": tps,
+            "generated_tokens": self._generated_total,
+            "steps": self._steps,
+        }
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _loop(self):
+        cdef int rc, i, err = 0
+        cdef llama_context * cptr = self.ctx.ptr
+        cdef const llama_vocab * vocab = self.ctx.model.vocab
+        cdef llama_batch * batch = &self.ctx.batch
+        cdef int n_batch = self.ctx._n_batch
+        while not self.closing:
+            self.kick.clear()   # before looking for work: a later set() wakes the wait below
+            self._admit()
+            self._reap_cancelled()
+            self._sweep_waiting()
+            if all(r is None for r in self.requests):
+                self.kick.wait(1.0)
+                continue
+            for i in range(self.n_slots):
+                r = self.requests[i]
+                self.slots[i].paused = r is not None and r.full
+            with nogil:
+                rc = _engine_step(cptr, vocab, batch, self.slots, self.n_slots, self.prompts, self.outs,
+                                  n_batch, self.prompt_chunk, self._n_ctx_seq, &err)
+            self._steps += 1
+            if err != 0:
+                self._fail_batch(err)
+                err = 0
+                continue
+            self._deliver()
+            if rc == 0:
+                self.kick.wait(0.05)   # every running slot is paused by its consumer
+        for i in range(self.n_slots):
+            if self.requests[i] is not None:
+                self._free_slot(i, None, ClosedError("the Engine was closed"))
+        with self.qlock:
+            left = list(self.waiting)
+            self.waiting.clear()
+        for r in left:
+            r.finish(None, ClosedError("the Engine was closed"))
+
+    cdef void _admit(self):
+        cdef int i
+        cdef ESlot * s
+        for i in range(self.n_slots):
+            if self.requests[i] is not None:
+                continue
+            while True:
+                with self.qlock:
+                    req = self.waiting.popleft() if self.waiting else None
+                if req is None:
+                    return
+                if not req.cancelled:
+                    break
+                req.finish("cancelled", GenerationCancelled("the request was cancelled"))
+            try:
+                self.slots[i].smpl = _make_sampler(req.params, self.ctx.model._n_vocab)
+            except BaseException as exc:
+                req.finish(None, exc)
+                continue
+            self.prompts[i].clear()
+            for t in req.tokens:
+                self.prompts[i].push_back(t)
+            self.outs[i].clear()
+            s = &self.slots[i]
+            s.state = SLOT_PROMPT
+            s.paused = False
+            s.n_past = 0
+            s.prompt_pos = 0
+            s.n_prompt = <int> self.prompts[i].size()
+            s.max_tokens = req.max_tokens
+            s.n_generated = 0
+            s.pending = -1
+            s.finish = FINISH_NONE
+            llama_memory_seq_rm(llama_get_memory(self.ctx.ptr), i, -1, -1)
+            req.slot = i
+            req.admitted = True
+            self.requests[i] = req
+
+    cdef void _sweep_waiting(self):
+        """Finish waiting requests that were cancelled before they got a slot."""
+        with self.qlock:
+            if not any(r.cancelled for r in self.waiting):
+                return
+            gone = [r for r in self.waiting if r.cancelled]
+            kept = [r for r in self.waiting if not r.cancelled]
+            self.waiting.clear()
+            self.waiting.extend(kept)
+        for r in gone:
+            r.finish("cancelled", GenerationCancelled("the request was cancelled"))
+
+    cdef void _reap_cancelled(self):
+        cdef int i
+        for i in range(self.n_slots):
+            r = self.requests[i]
+            if r is not None and r.cancelled:
+                self._free_slot(i, "cancelled", None)
+
+    cdef void _free_slot(self, int i, object reason, object error):
+        r = self.requests[i]
+        self.requests[i] = None
+        if self.slots[i].smpl != NULL:
+            llama_sampler_free(self.slots[i].smpl)
+            self.slots[i].smpl = NULL
+        self.slots[i].state = SLOT_FREE
+        llama_memory_seq_rm(llama_get_memory(self.ctx.ptr), i, -1, -1)
+        self.outs[i].clear()
+        self.prompts[i].clear()
+        if r is not None:
+            r.finish(reason, error)
+
+    cdef void _deliver(self):
+        cdef int i, produced = 0
+        cdef size_t n
+        cdef ESlot * s
+        for i in range(self.n_slots):
+            r = self.requests[i]
+            if r is None:
+                continue
+            s = &self.slots[i]
+            if r.cancelled:
+                self._free_slot(i, "cancelled", None)
+                continue
+            if s.sampled:
+                produced += 1
+            if s.state == SLOT_DONE:
+                if self.outs[i].size():
+                    r.push(self.outs[i].decode("utf-8", "replace"))
+                self._free_slot(i, _FINISH_NAMES.get(s.finish), None)
+                continue
+            n = mullama_utf8_complete(self.outs[i].data(), self.outs[i].size())
+            if n > 0:
+                r.push(self.outs[i].substr(0, n).decode("utf-8", "replace"))
+                self.outs[i].erase(0, n)
+        self._generated_total += produced
+        self._done_times.append((_time.monotonic(), produced))
+
+    cdef void _fail_batch(self, int rc):
+        cdef int i
+        for i in range(self.n_slots):
+            if self.requests[i] is not None and self.slots[i].step_take > 0:
+                self._free_slot(i, None, decode_error(rc, "decoding an engine batch"))
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    def close(self):
+        """Stop the engine thread (running requests end with ClosedError) and free the context."""
+        if self.thread is None:
+            return
+        with self.qlock:
+            self.closing = True
+        self.kick.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+        self.thread = None
+        self.ctx.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __dealloc__(self):
+        cdef int i
+        if self.slots != NULL:
+            for i in range(self.n_slots):
+                if self.slots[i].smpl != NULL:
+                    llama_sampler_free(self.slots[i].smpl)
+            free(self.slots)
+            self.slots = NULL
