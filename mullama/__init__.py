@@ -36,6 +36,7 @@ from ._llama import (
 )
 from ._params import SamplerParams, sampler_params_creative, sampler_params_greedy, sampler_params_precise
 from . import models
+from ._batching import EngineStream
 
 __version__ = "0.1.0"
 
@@ -64,6 +65,7 @@ __all__ = [
     "TokenStream",
     "EmbeddingGenerator",
     "Engine",
+    "EngineStream",
     "SamplerParams",
     "sampler_params_greedy",
     "sampler_params_creative",

@@ -1,0 +1,482 @@
+"""mullama against its peers, on the same model file, threads and context size.
+
+    python -m benchmarks [--quick] [--reps N] [--only pp,tg,ttft,embed,mem,stream,engine] [--no-write]
+
+Peers are prepared on demand and cached outside the clone (benchmarks/peers.py). Systems are
+alternated within each repetition so that a noisy machine shows as spread; the table reports
+medians (and min-max) and the mullama/peer ratio of each pair measured in the same run.
+Results go to BENCHMARKS.md (unless --no-write) and stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import mullama
+
+from . import peers
+
+ROOT = Path(__file__).resolve().parent.parent
+THREADS = len(os.sched_getaffinity(0))
+SHARED = ROOT.parent / "shared" / "models"
+STORY = "Once upon a time"
+
+
+def generated(ctx, n_prompt):
+    """Tokens the last generation produced (the last one is not decoded when it hit max_tokens)."""
+    return ctx.n_past - n_prompt + (1 if ctx.last_finish_reason == "length" else 0)
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+class Table:
+    def __init__(self):
+        self.rows: list[tuple[str, str, list[float], str]] = []
+
+    def add(self, workload, system, values, unit):
+        self.rows.append((workload, system, values, unit))
+        m = median(values)
+        spread = f"{min(values):.1f}-{max(values):.1f}" if values else "-"
+        print(f"  {workload:<38} {system:<28} {m:10.2f} {unit:<10} ({spread})", flush=True)
+
+    def get(self, workload, system):
+        for w, s, v, _ in self.rows:
+            if w == workload and s == system:
+                return median(v)
+        return float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers run in their own processes
+
+def llama_bench(tools, model, args) -> dict:
+    out = subprocess.run([str(tools["llama-bench"]), "-m", str(model), "-t", str(THREADS), "-o", "json", "-r", "1",
+                          *args], capture_output=True, text=True, check=True, timeout=600).stdout
+    return json.loads(out)
+
+
+LCP_SCRIPT = r"""
+import json, sys, time, resource
+import llama_cpp
+cfg = json.loads(sys.argv[1])
+kind = cfg["kind"]
+def out(**kw):
+    print(json.dumps(kw), flush=True)
+if kind == "embed":
+    llm = llama_cpp.Llama(cfg["model"], embedding=True, n_ctx=512, n_batch=512, n_ubatch=512, n_threads=cfg["threads"], verbose=False)
+    texts = cfg["texts"]
+    t = time.perf_counter(); llm.embed(texts); dt = time.perf_counter() - t
+    out(texts_per_s=len(texts) / dt)
+    sys.exit()
+llm = llama_cpp.Llama(cfg["model"], n_ctx=cfg.get("n_ctx", 2048), n_batch=512, n_threads=cfg["threads"],
+                      n_threads_batch=cfg["threads"], verbose=False)
+if kind == "pp":
+    toks = cfg["tokens"]
+    res = []
+    for _ in range(cfg["reps"]):
+        llm.reset(); llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
+        t = time.perf_counter(); llm.eval(toks); res.append(len(toks) / (time.perf_counter() - t))
+    out(values=res)
+elif kind == "tg":
+    res = []
+    for _ in range(cfg["reps"]):
+        llm.reset()
+        t = time.perf_counter()
+        r = llm.create_completion(cfg["prompt"], max_tokens=cfg["n"], temperature=0.0, top_k=1, repeat_penalty=1.0)
+        dt = time.perf_counter() - t
+        res.append(r["usage"]["completion_tokens"] / dt)
+    out(values=res)
+elif kind == "ttft":
+    first = cfg["first"]; second = cfg["second"]
+    cold, warm = [], []
+    for _ in range(cfg["reps"]):
+        llm.reset()
+        t = time.perf_counter()
+        for _ in llm.create_completion(first, max_tokens=1, temperature=0.0, stream=True):
+            break
+        cold.append(time.perf_counter() - t)
+        llm.create_completion(first, max_tokens=cfg["reply"], temperature=0.0)
+        t = time.perf_counter()
+        for _ in llm.create_completion(second, max_tokens=1, temperature=0.0, stream=True):
+            break
+        warm.append(time.perf_counter() - t)
+    out(cold=cold, warm=warm)
+elif kind == "mem":
+    llm.create_completion("Hello", max_tokens=1)
+    out(maxrss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def lcp(py, cfg) -> dict:
+    proc = subprocess.run([str(py), "-c", LCP_SCRIPT, json.dumps(cfg)], capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-cpp-python failed: {proc.stderr[-1500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+
+def bench_pp(t: Table, model_path, tools, lcp_py, reps):
+    model = mullama.Model.load(model_path)
+    toks = (model.tokenize("The quick brown fox jumps over the lazy dog. " * 60, special=True))[:512]
+    mine, peer, other = [], [], []
+    for _ in range(reps):
+        with mullama.Context(model, n_ctx=2048, n_batch=512, n_threads=THREADS) as ctx:
+            t0 = time.perf_counter()
+            ctx.generate_from_tokens(toks, max_tokens=0)
+            mine.append(len(toks) / (time.perf_counter() - t0))
+        r = llama_bench(tools, model_path, ["-p", "512", "-n", "0", "-b", "512"])
+        peer.append(r[0]["avg_ts"])
+        if lcp_py:
+            other += lcp(lcp_py, {"kind": "pp", "model": str(model_path), "threads": THREADS, "tokens": toks, "reps": 1})["values"]
+    t.add("prompt processing 512 (tok/s)", "mullama", mine, "tok/s")
+    t.add("prompt processing 512 (tok/s)", "llama-bench", peer, "tok/s")
+    if other:
+        t.add("prompt processing 512 (tok/s)", "llama-cpp-python", other, "tok/s")
+
+
+def bench_tg(t: Table, model_path, tools, lcp_py, reps, n=128):
+    model = mullama.Model.load(model_path)
+    g = mullama.sampler_params_greedy()
+    simple = peers.llama_simple()
+    mine, bench, simp, other = [], [], [], []
+    env = dict(os.environ, MULLAMA_EXAMPLE_THREADS=str(THREADS))
+    for _ in range(reps):
+        with mullama.Context(model, n_ctx=2048, n_threads=THREADS) as ctx:
+            ctx.generate(STORY, max_tokens=0)
+            t0 = time.perf_counter()
+            ctx.generate(STORY, max_tokens=n, params=g)   # the prompt is cached: this is generation only
+            dt = time.perf_counter() - t0
+            mine.append(generated(ctx, len(model.tokenize(STORY))) / dt)
+        r = llama_bench(tools, model_path, ["-p", "0", "-n", str(n)])
+        bench.append(r[0]["avg_ts"])
+        err = subprocess.run([str(simple), "-m", str(model_path), "-n", str(n), STORY], capture_output=True,
+                             text=True, env=env, timeout=300).stderr
+        m = re.search(r"speed: ([\d.]+) t/s", err)
+        if m:
+            simp.append(float(m.group(1)))
+        if lcp_py:
+            other += lcp(lcp_py, {"kind": "tg", "model": str(model_path), "threads": THREADS, "prompt": STORY, "n": n, "reps": 1})["values"]
+    w = f"generation {n} greedy (tok/s)"
+    t.add(w, "mullama", mine, "tok/s")
+    t.add(w, "llama-bench tg", bench, "tok/s")
+    t.add(w, "llama-simple (C loop)", simp, "tok/s")
+    if other:
+        t.add(w, "llama-cpp-python", other, "tok/s")
+    if simp:
+        t.add("per-token time added over llama-simple", "mullama", [1000 / median(mine) - 1000 / median(simp)], "ms")
+
+
+def bench_ttft(t: Table, model_path, lcp_py, reps):
+    model = mullama.Model.load(model_path)
+    g = mullama.sampler_params_greedy()
+    words = ("Alice met Bob in the park and they talked about science, music and books for hours. " * 30)
+    first_msgs = [("system", "You are a helpful assistant."), ("user", words)]
+    first = model.apply_chat_template(first_msgs)
+    first = model.detokenize(model.tokenize(first, special=True)[:300], unparse_special=True)
+    reply = 16
+    cold, warm, fresh, o_cold, o_warm = [], [], [], [], []
+    for _ in range(reps):
+        with mullama.Context(model, n_ctx=2048, n_threads=THREADS) as ctx:
+            t0 = time.perf_counter()
+            with ctx.generate_stream(first, 1, g) as s:
+                next(s, None)
+            cold.append(time.perf_counter() - t0)
+            ctx.clear_cache()
+            answer = ctx.generate(first, reply, g)
+            second = first + answer + "<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n"
+            t0 = time.perf_counter()
+            with ctx.generate_stream(second, 1, g) as s:
+                next(s, None)
+            warm.append(time.perf_counter() - t0)
+        with mullama.Context(model, n_ctx=2048, n_threads=THREADS) as ctx:
+            t0 = time.perf_counter()
+            with ctx.generate_stream(second, 1, g) as s:
+                next(s, None)
+            fresh.append(time.perf_counter() - t0)
+        if lcp_py:
+            r = lcp(lcp_py, {"kind": "ttft", "model": str(model_path), "threads": THREADS, "first": first,
+                             "second": second, "reply": reply, "reps": 1})
+            o_cold += r["cold"]
+            o_warm += r["warm"]
+    t.add("TTFT cold 300-token prompt (ms)", "mullama", [x * 1000 for x in cold], "ms")
+    if o_cold:
+        t.add("TTFT cold 300-token prompt (ms)", "llama-cpp-python", [x * 1000 for x in o_cold], "ms")
+    t.add("TTFT second chat turn (ms)", "mullama (prefix reuse)", [x * 1000 for x in warm], "ms")
+    t.add("TTFT second chat turn (ms)", "mullama (fresh context)", [x * 1000 for x in fresh], "ms")
+    if o_warm:
+        t.add("TTFT second chat turn (ms)", "llama-cpp-python (its cache)", [x * 1000 for x in o_warm], "ms")
+
+
+def _sentences(n):
+    base = ["A cat.", "The weather is nice today in the city.",
+            "Large language models turn text into vectors that capture meaning, tone and topic.",
+            "Stocks fell sharply on Monday after the central bank raised interest rates again, "
+            "surprising investors who had expected a pause, and bond yields climbed to a ten-year high."]
+    return [f"{base[i % len(base)]} ({i})" for i in range(n)]
+
+
+def bench_embed(t: Table, lcp_py, reps, n):
+    path = SHARED / "all-MiniLM-L6-v2-f16.gguf"
+    if not path.is_file():
+        print("  (embeddings skipped: ../shared/models is absent)")
+        return
+    texts = _sentences(n)
+    model = mullama.Model.load(path)
+    batch, single, other = [], [], []
+    with mullama.EmbeddingGenerator(model, n_threads=THREADS) as gen:
+        gen.embed_batch(texts[:16])
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            gen.embed_batch(texts)
+            batch.append(n / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            for x in texts:
+                gen.embed(x)
+            single.append(n / (time.perf_counter() - t0))
+            if lcp_py:
+                other.append(lcp(lcp_py, {"kind": "embed", "model": str(path), "threads": THREADS, "texts": texts})["texts_per_s"])
+    w = f"embeddings, {n} texts (texts/s)"
+    t.add(w, "mullama embed_batch", batch, "texts/s")
+    t.add(w, "mullama embed one at a time", single, "texts/s")
+    if other:
+        t.add(w, "llama-cpp-python embed", other, "texts/s")
+
+
+MEM_SCRIPT = """
+import resource, sys, mullama
+m = mullama.Model.load(sys.argv[1]); c = mullama.Context(m, n_ctx=2048, n_threads=int(sys.argv[2]))
+c.generate("Hello", max_tokens=1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _child_maxrss_kb(cmd, env=None) -> int:
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
+            "stderr=subprocess.DEVNULL, check=True); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    return int(subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, check=True,
+                              env=env).stdout)
+
+
+def bench_mem(t: Table, model_path, tools, lcp_py):
+    base = int(subprocess.run([sys.executable, "-c", "import resource, numpy, anyio; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+                              capture_output=True, text=True, check=True).stdout)
+    mine = int(subprocess.run([sys.executable, "-c", MEM_SCRIPT, str(model_path), str(THREADS)],
+                              capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    peer = _child_maxrss_kb([str(tools["llama-batched-bench"]), "-m", str(model_path), "-c", "2048", "-b", "2048",
+                             "-npp", "1", "-ntg", "1", "-npl", "1", "-t", str(THREADS)])
+    t.add("peak RSS, model + 2048 context (MiB)", "mullama (whole process)", [mine / 1024], "MiB")
+    t.add("peak RSS, model + 2048 context (MiB)", "mullama minus bare Python", [(mine - base) / 1024], "MiB")
+    t.add("peak RSS, model + 2048 context (MiB)", "llama-batched-bench", [peer / 1024], "MiB")
+    if lcp_py:
+        r = lcp(lcp_py, {"kind": "mem", "model": str(model_path), "threads": THREADS, "n_ctx": 2048})
+        t.add("peak RSS, model + 2048 context (MiB)", "llama-cpp-python (whole process)", [r["maxrss_kb"] / 1024], "MiB")
+
+
+def bench_stream(t: Table, model_path, reps, n=200):
+    import anyio
+
+    import mullama.aio
+
+    model = mullama.Model.load(model_path)
+    g = mullama.sampler_params_greedy()
+    gen, sync_s, async_s = [], [], []
+    lags: list[float] = []
+    for _ in range(reps):
+        with mullama.Context(model, n_ctx=2048, n_threads=THREADS) as ctx:
+            ctx.generate(STORY, 0)
+            t0 = time.perf_counter()
+            ctx.generate(STORY, n, g)
+            gen.append(generated(ctx, len(model.tokenize(STORY))) / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            for _piece in ctx.generate_stream(STORY, n, g):
+                pass
+            dt = time.perf_counter() - t0
+            ctx.last_finish_reason  # the stream set it
+            sync_s.append(generated(ctx, len(model.tokenize(STORY))) / dt)
+
+        async def run():
+            async with mullama.aio.AsyncContext(model, n_ctx=2048, n_threads=THREADS) as actx:
+                await actx.generate(STORY, 0)
+                stop = anyio.Event()
+
+                async def ticker():
+                    while not stop.is_set():
+                        t1 = time.perf_counter()
+                        await anyio.sleep(0.001)
+                        lags.append(time.perf_counter() - t1 - 0.001)
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(ticker)
+                    t1 = time.perf_counter()
+                    async for _piece in actx.stream(STORY, n, g):
+                        pass
+                    dt = time.perf_counter() - t1
+                    stop.set()
+                async_s.append(generated(actx.context, len(model.tokenize(STORY))) / dt)
+
+        anyio.run(run)
+    w = f"streaming {n} tokens (tok/s)"
+    t.add(w, "generate (no streaming)", gen, "tok/s")
+    t.add(w, "sync generate_stream", sync_s, "tok/s")
+    t.add(w, "async stream (asyncio)", async_s, "tok/s")
+    lags_ms = sorted(x * 1000 for x in lags)
+    p = lambda q: lags_ms[min(len(lags_ms) - 1, int(q * len(lags_ms)))]  # noqa: E731
+    t.add("event-loop lag while streaming (ms)", "p50", [p(0.5)], "ms")
+    t.add("event-loop lag while streaming (ms)", "p99", [p(0.99)], "ms")
+    t.add("event-loop lag while streaming (ms)", "max", [lags_ms[-1]], "ms")
+
+
+def bench_engine(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128):
+    model = mullama.Model.load(model_path)
+    g = mullama.sampler_params_greedy()
+    prompts = [f"Write a story about a robot named R{i}." for i in range(8)]
+    with mullama.Engine(model, n_parallel=8, n_ctx=8 * 512, n_batch=512, n_threads=THREADS) as engine:
+        for width in widths:
+            mine, peer = [], []
+            for _ in range(reps):
+                results = [0] * width
+
+                def run(i):
+                    with engine.stream(prompts[i], n, mullama.SamplerParams(temperature=0.0, penalty_repeat=1.0)) as s:
+                        for _p in s:
+                            pass
+                    results[i] = 1
+
+                before = engine.stats()["generated_tokens"]
+                t0 = time.perf_counter()
+                ths = [threading.Thread(target=run, args=(i,)) for i in range(width)]
+                for th in ths:
+                    th.start()
+                for th in ths:
+                    th.join()
+                dt = time.perf_counter() - t0
+                mine.append((engine.stats()["generated_tokens"] - before) / dt)
+                out = subprocess.run([str(tools["llama-batched-bench"]), "-m", str(model_path), "-c", "4096", "-b", "512",
+                                      "-npp", "10", "-ntg", str(n), "-npl", str(width), "-t", str(THREADS), "-o", "jsonl"],
+                                     capture_output=True, text=True, timeout=600).stdout
+                rec = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+                if rec:
+                    peer.append(rec[-1]["speed_tg"])
+            t.add(f"engine, {width} streams x {n} tokens (tok/s)", "mullama Engine", mine, "tok/s")
+            t.add(f"engine, {width} streams x {n} tokens (tok/s)", "llama-batched-bench", peer, "tok/s")
+        # the same 8 requests one after another: what a serialized server does
+        ser = []
+        for _ in range(reps):
+            with mullama.Context(model, n_ctx=1024, n_threads=THREADS) as ctx:
+                t0 = time.perf_counter()
+                k = 0
+                for p in prompts:
+                    ctx.clear_cache()
+                    ctx.generate(p, n, mullama.SamplerParams(temperature=0.0, penalty_repeat=1.0))
+                    k += generated(ctx, len(model.tokenize(p)))
+                ser.append(k / (time.perf_counter() - t0))
+        t.add(f"engine, 8 streams x {n} tokens (tok/s)", "8 requests served serially", ser, "tok/s")
+        # time to first token of a new request while 7 run, vs alone
+        alone, busy = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            with engine.stream("Hello there, how are", 1, g) as s:
+                next(s, None)
+            alone.append(time.perf_counter() - t0)
+            stop = threading.Event()
+            streams = [engine.stream(prompts[i], 4000, mullama.SamplerParams(seed=i + 1)) for i in range(7)]
+            for s in streams:
+                next(s, None)
+            t0 = time.perf_counter()
+            with engine.stream("Hello there, how are", 1, g) as s:
+                next(s, None)
+            busy.append(time.perf_counter() - t0)
+            for s in streams:
+                s.close()
+            stop.set()
+        t.add("engine TTFT of a new request (ms)", "alone", [x * 1000 for x in alone], "ms")
+        t.add("engine TTFT of a new request (ms)", "while 7 streams run", [x * 1000 for x in busy], "ms")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and texts (a few minutes)")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--only", default="pp,tg,ttft,embed,mem,stream,engine")
+    ap.add_argument("--no-llama-cpp-python", action="store_true", help="skip the llama-cpp-python peer")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    reps = args.reps or (3 if args.quick else 5)
+    only = set(args.only.split(","))
+    model_path = mullama.models.fetch()
+    tools = peers.llama_tools() if only & {"pp", "tg", "mem", "engine"} else {}
+    lcp_py = None if args.no_llama_cpp_python else peers.llama_cpp_python()
+    t = Table()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    cmdline = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"mullama {mullama.__version__} / llama.cpp {mullama.version()} / {THREADS} threads", flush=True)
+    if "pp" in only:
+        bench_pp(t, model_path, tools, lcp_py, reps)
+    if "tg" in only:
+        bench_tg(t, model_path, tools, lcp_py, reps)
+    if "ttft" in only:
+        bench_ttft(t, model_path, lcp_py, reps)
+    if "embed" in only:
+        bench_embed(t, lcp_py, reps, 200 if args.quick else 1000)
+    if "mem" in only:
+        bench_mem(t, model_path, tools, lcp_py)
+    if "stream" in only:
+        bench_stream(t, model_path, reps)
+    if "engine" in only:
+        bench_engine(t, model_path, tools, max(1, reps // 2) if args.quick else reps)
+    if not args.no_write:
+        write_report(t, started, cmdline)
+
+
+def write_report(t: Table, started, cmdline):
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = [
+        "# Benchmarks", "",
+        f"Measured {started:%Y-%m-%d %H:%M} UTC on {cpu}, {THREADS} threads, {platform.python_implementation()} "
+        f"{platform.python_version()}, llama.cpp {mullama.version()} (the pinned release), SmolLM2-135M-Instruct "
+        "Q4_1 for generation, all-MiniLM-L6-v2 f16 for embeddings.", "",
+        f"Command: `{cmdline}`", "",
+        "| workload | system | median | unit | min-max | ratio mullama/peer |",
+        "|---|---|---:|---|---|---:|",
+    ]
+    for w, s, v, unit in t.rows:
+        mine = next((median(vv) for ww, ss, vv, _ in t.rows if ww == w and ss.startswith("mullama")), None)
+        ratio = ""
+        if mine and not s.startswith("mullama") and median(v) and unit.endswith("/s"):
+            ratio = f"{mine / median(v):.2f}"
+        elif mine and not s.startswith("mullama") and median(v) and unit in ("ms", "MiB"):
+            ratio = f"{median(v) / mine:.2f} (peer/mullama)"
+        lines.append(f"| {w} | {s} | {median(v):.2f} | {unit} | {min(v):.2f}-{max(v):.2f} | {ratio} |")
+    notes = ROOT / "benchmarks" / "NOTES.md"
+    if notes.is_file():
+        lines += ["", notes.read_text().strip()]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Engine: continuous batching of many requests over one model (sync and async fronts)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import pytest
+
+import mullama
+import mullama.aio
+
+PROMPTS = ["The capital of France is", "Water boils at", "def add(a, b):", "Once upon a time",
+           "The largest planet is", "My favourite colour is"]
+
+
+@pytest.fixture(scope="module")
+def solo(smollm):
+    """What each prompt gives when served alone (greedy, 24 tokens)."""
+    g = mullama.sampler_params_greedy()
+    out = {}
+    with mullama.Context(smollm, n_ctx=512) as ctx:
+        for p in PROMPTS:
+            ctx.clear_cache()
+            out[p] = ctx.generate(p, 24, g)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(smollm):
+    with mullama.Engine(smollm, n_parallel=4, n_ctx=4096, n_batch=256) as e:
+        yield e
+
+
+def _parallel(fn, args):
+    results, errors = {}, {}
+
+    def run(i, a):
+        try:
+            results[i] = fn(a)
+        except Exception as exc:
+            errors[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, a)) for i, a in enumerate(args)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results, errors
+
+
+def test_concurrent_greedy_equals_served_alone(engine, solo, greedy):
+    results, errors = _parallel(lambda p: engine.generate(p, 24, greedy), PROMPTS)
+    assert not errors
+    assert [results[i] for i in range(len(PROMPTS))] == [solo[p] for p in PROMPTS]
+
+
+def test_more_requests_than_slots_wait_and_all_complete(engine, solo, greedy):
+    prompts = PROMPTS * 2          # 12 requests, 4 slots
+    results, errors = _parallel(lambda p: engine.generate(p, 24, greedy), prompts)
+    assert not errors
+    assert [results[i] for i in range(len(prompts))] == [solo[p] for p in prompts]
+    s = engine.stats()
+    assert s["running"] == 0 and s["waiting"] == 0 and s["slots"] == 4 and s["generated_tokens"] > 0
+
+
+def test_stream_pieces_join_to_generate(engine, solo, greedy):
+    with engine.stream(PROMPTS[0], 24, greedy) as s:
+        pieces = list(s)
+    assert "".join(pieces) == solo[PROMPTS[0]] and len(pieces) > 5
+    assert s.finish_reason == "length"
+
+
+def test_cancelling_any_request_does_not_disturb_the_others(engine, solo, greedy):
+    long = mullama.SamplerParams(temperature=0.8, seed=9)
+    victims = []
+
+    def victim_mid_generation(_):
+        with engine.stream("Tell me a long story.", 2000, long) as s:
+            for i, _piece in enumerate(s):
+                if i == 5:
+                    break
+        victims.append("mid")
+        return None
+
+    def victim_waiting(_):
+        s = engine.stream("Another long story.", 2000, long)
+        time.sleep(0.05)
+        s.close()
+        victims.append("waiting")
+        return None
+
+    def victim_in_prompt(_):
+        s = engine.stream("word " * 900, 10, long)
+        time.sleep(0.02)
+        s.close()
+        victims.append("prompt")
+        return None
+
+    def good(p):
+        return engine.generate(p, 24, greedy)
+
+    jobs = [victim_mid_generation, victim_waiting, victim_in_prompt] + [good] * 4
+    args = [None, None, None] + PROMPTS[:4]
+    results, errors = _parallel(lambda ja: ja[0](ja[1]), list(zip(jobs, args)))
+    assert not errors
+    assert sorted(victims) == ["mid", "prompt", "waiting"]
+    assert [results[i] for i in range(3, 7)] == [solo[p] for p in PROMPTS[:4]]
+    deadline = time.monotonic() + 5
+    while engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.stats()["running"] == 0
+
+
+def test_bad_input_fails_only_that_request(engine, solo, greedy):
+    def job(kind):
+        if kind == "empty":
+            return engine.generate("", 5)
+        if kind == "tokens":
+            return engine.generate_from_tokens([1, -4], 5)
+        if kind == "params":
+            return engine.generate("hi", 5, {"top_p": 7})
+        if kind == "long":
+            return engine.generate("word " * 5000, 5)
+        return engine.generate(kind, 24, greedy)
+
+    kinds = ["empty", "tokens", "params", "long"] + PROMPTS[:3]
+    results, errors = _parallel(job, kinds)
+    assert isinstance(errors[0], mullama.InvalidArgumentError)
+    assert isinstance(errors[1], mullama.InvalidArgumentError)
+    assert isinstance(errors[2], mullama.InvalidArgumentError)
+    assert isinstance(errors[3], mullama.ContextOverflowError)
+    assert [results[i] for i in range(4, 7)] == [solo[p] for p in PROMPTS[:3]]
+
+
+def test_full_sequence_ends_with_length_not_the_engine(smollm, greedy):
+    with mullama.Engine(smollm, n_parallel=2, n_ctx=512, n_batch=128) as e:   # 256 per sequence
+        with e.stream("Once upon a time", 10_000, mullama.SamplerParams(temperature=0.0, penalty_repeat=1.3)) as s:
+            text = "".join(s)
+        assert s.finish_reason in ("context", "stop")
+        assert text
+        assert e.generate("The capital of France is", 4, greedy).startswith(" Paris")
+
+
+def test_close_ends_running_requests(smollm):
+    e = mullama.Engine(smollm, n_parallel=2, n_ctx=1024)
+    s = e.stream("Once upon a time", 5000, mullama.SamplerParams(seed=1))
+    next(s)
+    e.close()
+    e.close()
+    with pytest.raises(mullama.ClosedError):
+        list(s)
+    with pytest.raises(mullama.ClosedError):
+        e.generate("hi")
+    assert not [t for t in threading.enumerate() if t.name == "mullama-engine" and t.is_alive()
+                and getattr(t, "_target", None) is None]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_engine_streams_and_cancels(smollm, solo, greedy, backend):
+    async def main():
+        async with mullama.aio.AsyncEngine(smollm, n_parallel=4, n_ctx=4096, n_batch=256) as engine:
+            results = {}
+
+            async def one(i, p):
+                async with engine.stream(p, 24, greedy) as s:
+                    results[i] = "".join([piece async for piece in s])
+
+            async def cancelled():
+                with anyio.move_on_after(0.3):
+                    async with engine.stream("A long story:", 5000, mullama.SamplerParams(seed=4)) as s:
+                        async for _ in s:
+                            pass
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancelled)
+                for i, p in enumerate(PROMPTS[:4]):
+                    tg.start_soon(one, i, p)
+            assert [results[i] for i in range(4)] == [solo[p] for p in PROMPTS[:4]]
+            assert (await engine.generate(PROMPTS[0], 24, greedy)) == solo[PROMPTS[0]]
+            assert engine.stats()["running"] == 0
+
+    anyio.run(main, backend=backend)

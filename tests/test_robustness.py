@@ -1,0 +1,229 @@
+"""Hostile input, lifetimes, threads and leaks: answered with exceptions, never a crash."""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mullama
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+# llama.cpp's pre-tokenizer maps unassigned and private-use code points to U+FFFD and drops some
+# C0 control characters (e.g. "\x16"), so the round trip holds for assigned, printable characters
+# and the usual whitespace ("where the vocabulary allows it").
+ASSIGNED = st.one_of(st.characters(exclude_categories=("Cs", "Cn", "Co", "Cc")), st.sampled_from("\n\t\r"))
+
+
+@FAST
+@given(st.text(alphabet=ASSIGNED, max_size=200))
+def test_tokenize_detokenize_round_trip(smollm, text):
+    assert smollm.detokenize(smollm.tokenize(text, add_bos=False)) == text
+
+
+@FAST
+@given(st.text(alphabet=st.characters(categories=("Cs",)), min_size=1, max_size=5), st.text(max_size=20))
+def test_lone_surrogates_are_refused(smollm, bad, text):
+    with pytest.raises(mullama.InvalidArgumentError, match="surrogate"):
+        smollm.tokenize(text + bad + text)
+
+
+@FAST
+@given(st.lists(st.integers(min_value=-10, max_value=60000), max_size=50))
+def test_random_token_lists_into_detokenize(smollm, tokens):
+    if all(0 <= t < smollm.n_vocab for t in tokens):
+        assert isinstance(smollm.detokenize(tokens), str)
+    else:
+        with pytest.raises(mullama.InvalidArgumentError):
+            smollm.detokenize(tokens)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    temperature=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 3)),
+    top_k=st.integers(-5, 200),
+    top_p=st.floats(-0.5, 1.5),
+    min_p=st.floats(-0.5, 1.5),
+    penalty_repeat=st.floats(-1, 3),
+    seed=st.integers(-3, 2**33),
+)
+def test_random_sampler_params(smollm, temperature, top_k, top_p, min_p, penalty_repeat, seed):
+    p = mullama.SamplerParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              penalty_repeat=penalty_repeat, seed=seed)
+    with mullama.Context(smollm, n_ctx=256) as ctx:
+        try:
+            p.validated()
+        except mullama.InvalidArgumentError:
+            with pytest.raises(mullama.InvalidArgumentError):
+                ctx.generate("Hello", 4, p)
+            return
+        assert isinstance(ctx.generate("Hello", 4, p), str)
+
+
+def test_every_special_token_string_tokenizes(smollm):
+    specials = [t for t in range(smollm.n_vocab) if smollm.detokenize([t], unparse_special=True)
+                and not smollm.detokenize([t])][:50]
+    assert specials
+    for t in specials:
+        text = smollm.detokenize([t], unparse_special=True)
+        assert smollm.tokenize(text, add_bos=False, special=True) == [t]
+
+
+def test_huge_text_and_huge_token_lists(smollm):
+    text = "lorem ipsum dolor " * 60_000   # ~1 MB
+    toks = smollm.tokenize(text)
+    assert len(toks) > 100_000
+    assert smollm.detokenize(toks) == text
+    with mullama.Context(smollm, n_ctx=512) as ctx:
+        with pytest.raises(mullama.ContextOverflowError):
+            ctx.generate(text)
+        with pytest.raises(mullama.ContextOverflowError):
+            ctx.generate_from_tokens(toks)
+
+
+def _gguf_mutations(data: bytes, n: int, seed: int):
+    rnd = random.Random(seed)
+    for _ in range(n):
+        blob = bytearray(data[: rnd.choice([64, 512, 4096, 65536, len(data)])])
+        for _ in range(rnd.randint(1, 16)):
+            pos = rnd.randrange(4, min(len(blob), 8192))   # keep the magic: reach the parser
+            blob[pos] = rnd.randrange(256)
+        yield bytes(blob)
+
+
+def test_fuzz_gguf_loading_on_mutated_real_files(tmp_path, smollm_path, minilm_path):
+    """A bounded fuzz run of the loading path (more with MULLAMA_FUZZ_CASES)."""
+    n = int(os.environ.get("MULLAMA_FUZZ_CASES", "40"))
+    files = []
+    for k, src in enumerate([smollm_path, minilm_path]):
+        for i, blob in enumerate(_gguf_mutations(src.read_bytes()[:200_000], n // 2, seed=k)):
+            p = tmp_path / f"m{k}_{i}.gguf"
+            p.write_bytes(blob)
+            files.append(str(p))
+    code = textwrap.dedent("""
+        import sys, mullama
+        ok = err = 0
+        for p in sys.argv[1:]:
+            try:
+                m = mullama.Model.load(p, vocab_only=True)
+                m.tokenize("hello world"); m.close(); ok += 1
+            except mullama.MullamaError:
+                err += 1
+        print(ok, err)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code, *files], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"the interpreter died: {proc.returncode}\n{proc.stderr[-3000:]}"
+    ok, err = map(int, proc.stdout.split())
+    assert ok + err == len(files)
+
+
+def test_objects_dropped_in_any_order(smollm_path, greedy):
+    code = textwrap.dedent(f"""
+        import gc, mullama
+        m = mullama.Model.load({str(smollm_path)!r})
+        c = mullama.Context(m, n_ctx=256)
+        s = c.generate_stream("Once upon a time", 50)
+        next(s)
+        del m; gc.collect()          # model first
+        del c; gc.collect()          # then the context, with a stream still open
+        next(s)
+        del s; gc.collect()
+        m = mullama.Model.load({str(smollm_path)!r})
+        c = mullama.Context(m, n_ctx=256)
+        live = c.generate_stream("Once upon a time", 50)
+        next(live)
+        e = mullama.Engine(m, n_parallel=2, n_ctx=512)
+        print("OK")                  # interpreter shutdown with live objects
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr[-2000:]
+
+
+def test_one_model_eight_threads_generating(smollm, greedy):
+    prompts = ["The capital of France is", "Water boils at", "def add(a, b):", "Once upon a time"] * 2
+    expected = {}
+    with mullama.Context(smollm, n_ctx=256) as ctx:
+        for p in set(prompts):
+            ctx.clear_cache()
+            expected[p] = ctx.generate(p, 16, greedy)
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            with mullama.Context(smollm, n_ctx=256, n_threads=1) as c:
+                results[i] = c.generate(prompts[i], 16, greedy)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert [results[i] for i in range(8)] == [expected[p] for p in prompts]
+
+
+@pytest.mark.slow
+def test_context_create_destroy_cycles_do_not_leak(smollm):
+    for _ in range(20):
+        mullama.Context(smollm, n_ctx=256).close()
+    gc.collect()
+    start = _rss_kb()
+    threads = threading.active_count()
+    for _ in range(300):
+        with mullama.Context(smollm, n_ctx=256) as c:
+            c.generate("Hi", 1)
+    gc.collect()
+    grown = _rss_kb() - start
+    assert grown < 30_000, f"RSS grew {grown} kB over 300 context cycles"
+    assert threading.active_count() == threads
+
+
+@pytest.mark.slow
+def test_model_load_free_cycles_do_not_leak(smollm_path):
+    for _ in range(5):
+        mullama.Model.load(smollm_path).close()
+    gc.collect()
+    start = _rss_kb()
+    for _ in range(100):
+        mullama.Model.load(smollm_path).close()
+    gc.collect()
+    grown = _rss_kb() - start
+    assert grown < 30_000, f"RSS grew {grown} kB over 100 load/free cycles"
+
+
+@pytest.mark.slow
+def test_cancelled_streams_do_not_leak(smollm):
+    rnd = random.Random(7)
+    with mullama.Context(smollm, n_ctx=512) as ctx:
+        for _ in range(20):
+            with ctx.generate_stream("Once upon a time", 30) as s:
+                next(s)
+        gc.collect()
+        start = _rss_kb()
+        for _ in range(500):
+            with ctx.generate_stream("Once upon a time", 30, mullama.SamplerParams(seed=rnd.randrange(1, 99))) as s:
+                for _k, _p in zip(range(rnd.randrange(0, 5)), s):
+                    pass
+        gc.collect()
+        grown = _rss_kb() - start
+    assert grown < 20_000, f"RSS grew {grown} kB over 500 cancelled streams"
