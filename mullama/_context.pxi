@@ -114,6 +114,9 @@ cdef class Context:
     ``generate`` reuses whatever the cache holds that is a token prefix of the new prompt,
     so a chat that resends its growing history only decodes the new turn.
 
+    ``n_ctx=0`` takes the model's training context; ``n_threads=0`` the cores this process may
+    use; ``flash_attn`` None keeps llama.cpp's choice (auto), True/False force it.
+
     >>> ctx = Context(model, n_ctx=2048)                              # doctest: +SKIP
     >>> ctx.generate("The capital of France is", max_tokens=8)        # doctest: +SKIP
     """
@@ -141,7 +144,7 @@ cdef class Context:
         self.batch_ready = False
 
     def __init__(self, Model model not None, *, n_ctx=0, n_batch=2048, n_threads=0, embeddings=False,
-                 n_seq_max=1, _pooling=None):
+                 n_seq_max=1, flash_attn=None, _pooling=None):
         model._check()
         _check_int(n_ctx, "n_ctx", 0, 1 << 24)
         _check_int(n_batch, "n_batch", 1, 1 << 20)
@@ -156,9 +159,15 @@ cdef class Context:
         p.n_threads_batch = self._n_threads
         p.embeddings = bool(embeddings)
         p.no_perf = True
+        if flash_attn is not None:
+            # llama.cpp's default (auto) turns it on for the CPU: faster on long prompts, slower
+            # on batches of a few tokens (a chat's new turn); see BENCHMARKS.md.
+            p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else LLAMA_FLASH_ATTN_TYPE_DISABLED
         if embeddings:
-            # Non-causal models must see a whole sequence in one micro-batch.
+            # Non-causal models must see a whole sequence in one micro-batch, and the texts of
+            # one embedding batch share the cache cells instead of n_ctx / n_seq_max each.
             p.n_ubatch = n_batch
+            p.kv_unified = True
         if _pooling is not None:
             p.pooling_type = <llama_pooling_type> <int> _pooling
         p.abort_callback = _poll_interrupt
@@ -192,13 +201,22 @@ cdef class Context:
         self.last_finish_reason = None
 
     def close(self):
-        """Free the context now (idempotent). Waits for a generation running in another thread."""
+        """Free the context now (idempotent). A generation running in another thread is
+        cancelled first; a stream another thread keeps open makes this raise ContextBusyError."""
         if self.ptr == NULL:
             return
         if self._owner is threading.current_thread():
             raise ContextBusyError("close the open generate_stream of this Context before closing it")
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            mullama_atomic_store(&self.interrupt.cancel, 1)
+            if not self._lock.acquire(timeout=5.0):
+                raise ContextBusyError(
+                    "another thread keeps a generate_stream of this Context open; close that stream first"
+                )
+        try:
             self._free()
+        finally:
+            self._lock.release()
 
     cdef void _free(self):
         if self.ptr != NULL:
@@ -318,6 +336,7 @@ cdef class Context:
         self.last_evaluated_tokens = <int> self.hist.size() - keep
         self.total_evaluated_tokens += self.last_evaluated_tokens
         if rc == 2:
+            self.last_finish_reason = "cancelled"
             _raise_interrupt(&self.interrupt)
             raise GenerationCancelled("prompt processing was aborted")
         if rc != 0:
@@ -452,7 +471,8 @@ cdef class Context:
                 "Context(model, embeddings=True) or use EmbeddingGenerator"
             )
         cdef const float * e
-        with self._lock:
+        self._enter()
+        try:
             if self.hist.size() == 0:
                 raise InvalidArgumentError("nothing has been decoded yet; call generate(prompt, max_tokens=0) first")
             if self._pooling != LLAMA_POOLING_TYPE_NONE:
@@ -463,6 +483,8 @@ cdef class Context:
                 raise InvalidArgumentError("no embeddings are available for the last decode")
             n = llama_model_n_embd_out(self.model.ptr)
             return np.asarray(<float[:n]> e).copy()
+        finally:
+            self._leave()
 
 
 cdef class TokenStream:

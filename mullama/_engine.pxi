@@ -164,7 +164,7 @@ cdef class Engine:
         self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_seq_max=n_parallel)
         self.n_parallel = n_parallel
         self.n_slots = n_parallel
-        self._n_ctx_seq = self.ctx._n_ctx // n_parallel
+        self._n_ctx_seq = llama_n_ctx_seq(self.ctx.ptr)
         if prompt_chunk is None:
             prompt_chunk = max(32, n_batch // 2)
         self.prompt_chunk = _check_int(prompt_chunk, "prompt_chunk", 1, n_batch)

@@ -66,6 +66,11 @@ cdef extern from "llama.h" nogil:
         LLAMA_LOAD_MODE_MMAP_MLOCK
         LLAMA_LOAD_MODE_DIRECT_IO
 
+    cdef enum llama_flash_attn_type:
+        LLAMA_FLASH_ATTN_TYPE_AUTO
+        LLAMA_FLASH_ATTN_TYPE_DISABLED
+        LLAMA_FLASH_ATTN_TYPE_ENABLED
+
     ctypedef cbool (*llama_progress_callback)(float progress, void * user_data) noexcept
 
     ctypedef struct llama_batch:
@@ -94,6 +99,7 @@ cdef extern from "llama.h" nogil:
         int32_t n_threads
         int32_t n_threads_batch
         llama_pooling_type pooling_type
+        llama_flash_attn_type flash_attn_type
         ggml_abort_callback abort_callback
         void * abort_callback_data
         bint embeddings
@@ -127,6 +133,7 @@ cdef extern from "llama.h" nogil:
     bint llama_supports_gpu_offload()
 
     uint32_t llama_n_ctx(const llama_context * ctx)
+    uint32_t llama_n_ctx_seq(const llama_context * ctx)
     uint32_t llama_n_batch(const llama_context * ctx)
     uint32_t llama_n_ubatch(const llama_context * ctx)
     uint32_t llama_n_seq_max(const llama_context * ctx)

@@ -17,6 +17,7 @@ within one token and frees the context for the next caller.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
@@ -54,6 +55,24 @@ def _loop_waker() -> Callable[[Callable[[], object]], None]:
             pass
 
     return wake
+
+
+#: How many nice steps the worker threads of this module drop below the event loop's thread.
+#: The native loop keeps every core busy (ggml's compute threads, created by the worker, inherit
+#: its priority); without this the event loop waits for a time slice (measured here on 2 cores:
+#: p99 lag 3.9 ms at 0, 1.6 ms at 10, the same tokens/s). Set to 0 to leave priorities alone.
+WORKER_NICE = 10
+
+
+def _yield_cpu_to_the_event_loop() -> None:
+    """Lower this worker thread's priority by WORKER_NICE (Linux; elsewhere nothing happens)."""
+    if WORKER_NICE <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICE))
+    except (AttributeError, OSError):
+        pass
 
 
 class _Turnstile:
@@ -100,6 +119,7 @@ async def _run_in_thread(fn: Callable[[], T], cancel: Callable[[], None] | None 
     box: dict[str, Any] = {}
 
     def work() -> None:
+        _yield_cpu_to_the_event_loop()
         try:
             box["result"] = fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the awaiting task
@@ -147,6 +167,7 @@ class _Channel:
         self.finish_reason: str | None = None
 
     def work(self) -> None:
+        _yield_cpu_to_the_event_loop()
         try:
             stream = self.sync = self.source()
             if self.closing:
