@@ -1,6 +1,6 @@
 """mullama against its peers, on the same model file, threads and context size.
 
-    python -m benchmarks [--quick] [--reps N] [--only pp,tg,ttft,embed,mem,stream,engine] [--no-write]
+    python -m benchmarks [--quick] [--reps N] [--only pp,tg,ttft,embed,mem,stream,engine,servers] [--no-write]
 
 Peers are prepared on demand and cached outside the clone (benchmarks/peers.py). Flash attention
 is llama.cpp's default (auto: on for the CPU) for every system, except in the time-to-first-token
@@ -376,7 +376,7 @@ def bench_stream(t: Table, model_path, reps, n=200):
 def bench_engine(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128):
     model = mullama.Model.load(model_path)
     g = mullama.sampler_params_greedy()
-    prompts = [f"Write a story about a robot named R{i}." for i in range(8)]
+    prompts = [f"Once upon a time, in a city called Town{i}," for i in range(8)]   # none ends before 128
     with mullama.Engine(model, n_parallel=8, n_ctx=8 * 512, n_batch=512, n_threads=THREADS) as engine:
         for width in widths:
             mine, peer = [], []
@@ -399,7 +399,7 @@ def bench_engine(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128):
                 dt = time.perf_counter() - t0
                 mine.append((engine.stats()["generated_tokens"] - before) / dt)
                 out = subprocess.run([str(tools["llama-batched-bench"]), "-m", str(model_path), "-c", "4096", "-b", "512",
-                                      "-npp", "10", "-ntg", str(n), "-npl", str(width), "-t", str(THREADS), "-o", "jsonl"],
+                                      "-npp", "10", "-ntg", str(n), "-npl", str(width), "-t", str(THREADS), "--output-format", "jsonl"],
                                      capture_output=True, text=True, timeout=600).stdout
                 rec = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
                 if rec:
@@ -440,6 +440,104 @@ def bench_engine(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128):
         t.add("engine TTFT of a new request (ms)", "while 7 streams run", [x * 1000 for x in busy], "ms")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_http(url, proc, timeout=120):
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()[-2000:] if proc.stdout else ''}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def _drive(url, body_for, count_tokens, width, n_requests):
+    """The same concurrent client for both servers: width threads, n_requests in all."""
+    import httpx
+
+    done = [0]
+    lock = threading.Lock()
+    todo = list(range(n_requests))
+
+    def worker():
+        with httpx.Client(timeout=600) as client:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    i = todo.pop()
+                r = client.post(url, json=body_for(i))
+                r.raise_for_status()
+                k = count_tokens(r.json())
+                with lock:
+                    done[0] += k
+
+    t0 = time.perf_counter()
+    ths = [threading.Thread(target=worker) for _ in range(width)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    return done[0] / (time.perf_counter() - t0)
+
+
+def bench_servers(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128):
+    """The FastAPI example (served by mullama's engine) against llama-server -np 8."""
+    model = mullama.Model.load(model_path, vocab_only=True)
+    prompts = [f"Once upon a time, in a city called Town{i}," for i in range(64)]
+    env = dict(os.environ, MULLAMA_MODEL=str(model_path), MULLAMA_PARALLEL="8", MULLAMA_N_CTX="4096",
+               PYTHONPATH=str(ROOT))
+    mport, sport = _free_port(), _free_port()
+    mine_proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--host", "127.0.0.1",
+                                  "--port", str(mport), "--log-level", "warning"], cwd=ROOT, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    srv = subprocess.Popen([str(tools["llama-server"]), "-m", str(model_path), "-np", "8", "-c", "4096", "-t", str(THREADS),
+                            "--host", "127.0.0.1", "--port", str(sport), "--no-webui"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{mport}/health", mine_proc)
+        _wait_http(f"http://127.0.0.1:{sport}/health", srv)
+
+        def mine_body(i):
+            return {"prompt": prompts[i % len(prompts)], "max_tokens": n, "temperature": 0.0}
+
+        def mine_count(js):
+            return n if js["finish_reason"] == "length" else len(model.tokenize(js["text"], add_bos=False))
+
+        def srv_body(i):
+            return {"prompt": prompts[i % len(prompts)], "n_predict": n, "temperature": 0.0, "repeat_penalty": 1.1}
+
+        for width in widths:
+            mine, peer = [], []
+            for _ in range(reps):
+                mine.append(_drive(f"http://127.0.0.1:{mport}/generate", mine_body, mine_count, width, width))
+                peer.append(_drive(f"http://127.0.0.1:{sport}/completion", srv_body, lambda js: js["tokens_predicted"],
+                                   width, width))
+            w = f"HTTP server, {width} clients x {n} tokens (tok/s)"
+            t.add(w, "mullama (FastAPI + Engine)", mine, "tok/s")
+            t.add(w, "llama-server -np 8", peer, "tok/s")
+    finally:
+        for p in (mine_proc, srv):
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -447,7 +545,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and texts (a few minutes)")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--only", default="pp,tg,ttft,embed,mem,stream,engine")
+    ap.add_argument("--only", default="pp,tg,ttft,embed,mem,stream,engine,servers")
     ap.add_argument("--no-llama-cpp-python", action="store_true", help="skip the llama-cpp-python peer")
     ap.add_argument("--no-sentence-transformers", action="store_true", help="skip the PyTorch peer")
     ap.add_argument("--no-write", action="store_true")
@@ -455,7 +553,7 @@ def main(argv=None):
     reps = args.reps or (3 if args.quick else 5)
     only = set(args.only.split(","))
     model_path = mullama.models.fetch()
-    tools = peers.llama_tools() if only & {"pp", "tg", "mem", "engine"} else {}
+    tools = peers.llama_tools() if only & {"pp", "tg", "mem", "engine", "servers"} else {}
     lcp_py = None if args.no_llama_cpp_python else peers.llama_cpp_python()
     t = Table()
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -476,6 +574,8 @@ def main(argv=None):
         bench_stream(t, model_path, reps)
     if "engine" in only:
         bench_engine(t, model_path, tools, max(1, reps // 2) if args.quick else reps)
+    if "servers" in only:
+        bench_servers(t, model_path, tools, max(1, reps // 2) if args.quick else reps)
     if not args.no_write:
         write_report(t, started, cmdline)
 

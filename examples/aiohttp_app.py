@@ -1,4 +1,4 @@
-"""The same service as fastapi_app.py, in aiohttp.
+"""The same service as fastapi_app.py, in aiohttp, also served by the continuous-batching engine.
 
 Run:  MULLAMA_MODEL=path.gguf python examples/aiohttp_app.py [port]
 """
@@ -14,7 +14,7 @@ from aiohttp import web
 import mullama
 import mullama.aio
 
-CTX = web.AppKey("ctx", mullama.aio.AsyncContext)
+ENGINE = web.AppKey("engine", mullama.aio.AsyncEngine)
 EMBEDDER = web.AppKey("embedder", mullama.aio.AsyncEmbeddingGenerator)
 
 
@@ -32,25 +32,26 @@ def _request_params(body: dict) -> tuple[str, int, mullama.SamplerParams]:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "busy": request.app[CTX].busy})
+    stats = request.app[ENGINE].stats()
+    return web.json_response({"status": "ok", "busy": bool(stats["running"] or stats["waiting"]), **stats})
 
 
 async def generate(request: web.Request) -> web.Response:
     prompt, max_tokens, params = _request_params(await request.json())
-    ctx = request.app[CTX]
     try:
-        text = await ctx.generate(prompt, max_tokens, params)
+        async with request.app[ENGINE].stream(prompt, max_tokens, params, buffer=1 << 20) as s:
+            text = await s.aread()
     except mullama.InvalidArgumentError as exc:
         return web.json_response({"error": str(exc)}, status=400)
-    return web.json_response({"text": text, "finish_reason": ctx.context.last_finish_reason})
+    return web.json_response({"text": text, "finish_reason": s.finish_reason})
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     prompt, max_tokens, params = _request_params(await request.json())
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-    # aiohttp cancels this handler when the client disconnects; `async with` stops the native loop.
-    async with request.app[CTX].stream(prompt, max_tokens, params) as stream:
+    # aiohttp cancels this handler when the client disconnects; `async with` cancels the request.
+    async with request.app[ENGINE].stream(prompt, max_tokens, params) as stream:
         async for piece in stream:
             await response.write(f"data: {json.dumps({'text': piece})}\n\n".encode())
     await response.write(b"data: [DONE]\n\n")
@@ -75,10 +76,12 @@ async def _lifespan(app: web.Application):
     model = await mullama.aio.load_model(path)
     embed_path = os.environ.get("MULLAMA_EMBED_MODEL")
     embed_model = await mullama.aio.load_model(embed_path) if embed_path else model
-    app[CTX] = mullama.aio.AsyncContext(model, n_ctx=int(os.environ.get("MULLAMA_N_CTX", "2048")))
+    n_parallel = int(os.environ.get("MULLAMA_PARALLEL", "4"))
+    n_ctx = int(os.environ.get("MULLAMA_N_CTX", str(2048 * n_parallel)))
+    app[ENGINE] = mullama.aio.AsyncEngine(model, n_parallel=n_parallel, n_ctx=n_ctx)
     app[EMBEDDER] = mullama.aio.AsyncEmbeddingGenerator(embed_model)
     yield
-    await app[CTX].aclose()
+    await app[ENGINE].aclose()
     await app[EMBEDDER].aclose()
 
 

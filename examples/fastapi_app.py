@@ -1,5 +1,8 @@
 """A FastAPI service over mullama.aio: JSON generation, Server-Sent Events streaming, embeddings.
 
+Requests are served by the continuous-batching engine: MULLAMA_PARALLEL (default 4) at once,
+more wait in arrival order.
+
 Run:  MULLAMA_MODEL=path.gguf uvicorn examples.fastapi_app:app   (default model: SmolLM2, fetched once)
 Set MULLAMA_EMBED_MODEL to a GGUF embedding model to serve /embed with it (default: the same model).
 """
@@ -39,11 +42,12 @@ async def lifespan(app: FastAPI):
     model = await mullama.aio.load_model(path)
     embed_path = os.environ.get("MULLAMA_EMBED_MODEL")
     embed_model = await mullama.aio.load_model(embed_path) if embed_path else model
-    n_ctx = int(os.environ.get("MULLAMA_N_CTX", "2048"))
-    app.state.ctx = mullama.aio.AsyncContext(model, n_ctx=n_ctx)
+    n_parallel = int(os.environ.get("MULLAMA_PARALLEL", "4"))
+    n_ctx = int(os.environ.get("MULLAMA_N_CTX", str(2048 * n_parallel)))
+    app.state.engine = mullama.aio.AsyncEngine(model, n_parallel=n_parallel, n_ctx=n_ctx)
     app.state.embedder = mullama.aio.AsyncEmbeddingGenerator(embed_model)
     yield
-    await app.state.ctx.aclose()
+    await app.state.engine.aclose()
     await app.state.embedder.aclose()
 
 
@@ -59,25 +63,26 @@ async def _bad_input(request: Request, exc: mullama.InvalidArgumentError):
 
 @app.get("/health")
 async def health(request: Request):
-    return {"status": "ok", "busy": request.app.state.ctx.busy}
+    stats = request.app.state.engine.stats()
+    return {"status": "ok", "busy": bool(stats["running"] or stats["waiting"]), **stats}
 
 
 @app.post("/generate")
 async def generate(req: GenerateRequest, request: Request):
-    ctx = request.app.state.ctx
-    text = await ctx.generate(req.prompt, req.max_tokens, _params(req))
-    return {"text": text, "finish_reason": ctx.context.last_finish_reason}
+    async with request.app.state.engine.stream(req.prompt, req.max_tokens, _params(req), buffer=1 << 20) as s:
+        text = await s.aread()
+    return {"text": text, "finish_reason": s.finish_reason}
 
 
 @app.post("/generate/stream")
 async def generate_stream(req: GenerateRequest, request: Request):
     if not req.prompt:
         raise HTTPException(status_code=400, detail="prompt is empty")
-    stream = request.app.state.ctx.stream(req.prompt, req.max_tokens, _params(req))
+    stream = request.app.state.engine.stream(req.prompt, req.max_tokens, _params(req))
 
     async def events():
         # Starlette cancels this generator when the client disconnects; `async with` then
-        # stops the native loop and frees the context.
+        # cancels the request, and the engine frees its slot at the next step.
         async with stream:
             async for piece in stream:
                 yield f"data: {json.dumps({'text': piece})}\n\n"

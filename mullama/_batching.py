@@ -14,7 +14,7 @@ class EngineRequest:
     """One generation served by an Engine. The engine thread produces; one consumer takes."""
 
     __slots__ = ("tokens", "max_tokens", "params", "capacity", "pieces", "cond", "finished", "error",
-                 "finish_reason", "cancelled", "waker", "engine_wake", "slot", "n_generated", "admitted",
+                 "finish_reason", "cancelled", "waker", "engine_wake", "slot", "n_generated", "admitted", "wake_each",
                  "__weakref__")
 
     def __init__(self, tokens: list[int], max_tokens: int, params: object, capacity: int,
@@ -34,6 +34,7 @@ class EngineRequest:
         self.slot = -1
         self.n_generated = 0
         self.admitted = False
+        self.wake_each = True     # False: an async consumer wants one wake-up, at the end
 
     # -- engine thread -------------------------------------------------------------------------
 
@@ -57,6 +58,8 @@ class EngineRequest:
 
     def _notify(self) -> None:
         self.cond.notify_all()
+        if not (self.wake_each or self.finished):
+            return
         waker, self.waker = self.waker, None
         if waker is not None:
             waker()
@@ -101,6 +104,10 @@ class EngineStream:
     def finish_reason(self) -> str | None:
         """"stop", "length" or "context" once the request has ended by itself."""
         return self._request.finish_reason
+
+    def read(self) -> str:
+        """Wait for the end of the request and return its whole text."""
+        return "".join(self)
 
     def __iter__(self) -> EngineStream:
         return self

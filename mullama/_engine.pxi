@@ -125,7 +125,8 @@ cdef class Engine:
     """Continuous batching: one model, many concurrent requests, one decode per step.
 
     ``n_parallel`` requests run at once, each in its own sequence of ``n_ctx // n_parallel``
-    tokens; more wait in arrival order. ``generate`` and ``stream`` may be called from many
+    tokens; more wait in arrival order. ``nice`` lowers the engine thread's priority (and that of
+    its compute threads) so that an event loop in the same process stays responsive. ``generate`` and ``stream`` may be called from many
     threads at once; :class:`mullama.aio.AsyncEngine` is the async front.
 
     >>> with Engine(model, n_parallel=4) as engine:                    # doctest: +SKIP
@@ -153,8 +154,10 @@ cdef class Engine:
     def __cinit__(self):
         self.slots = NULL
 
+    cdef int _nice
+
     def __init__(self, Model model not None, *, n_parallel=8, n_ctx=None, n_batch=512, n_threads=0,
-                 prompt_chunk=None):
+                 prompt_chunk=None, nice=0):
         model._check()
         _check_int(n_parallel, "n_parallel", 1, llama_max_parallel_sequences())
         if n_ctx is None:
@@ -168,6 +171,7 @@ cdef class Engine:
         if prompt_chunk is None:
             prompt_chunk = max(32, n_batch // 2)
         self.prompt_chunk = _check_int(prompt_chunk, "prompt_chunk", 1, n_batch)
+        self._nice = _check_int(nice, "nice", 0, 19)
         self.slots = <ESlot *> malloc(n_parallel * sizeof(ESlot))
         if self.slots == NULL:
             raise MemoryError()
@@ -264,6 +268,13 @@ cdef class Engine:
         cdef const llama_vocab * vocab = self.ctx.model.vocab
         cdef llama_batch * batch = &self.ctx.batch
         cdef int n_batch = self.ctx._n_batch
+        if self._nice > 0:
+            # ggml's compute threads are created by this thread and inherit its priority.
+            try:
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self._nice))
+            except (AttributeError, OSError):
+                pass
         while not self.closing:
             self.kick.clear()   # before looking for work: a later set() wakes the wait below
             self._admit()

@@ -459,6 +459,33 @@ class AsyncEngineStream:
                 await self.aclose()
                 raise
 
+    async def aread(self) -> str:
+        """Wait for the end of the request (one event-loop wake-up, not one per piece) and
+        return the text not yet taken."""
+        req = self._start()
+        with req.cond:
+            req.wake_each = False
+        pieces = []
+        try:
+            while True:
+                with req.cond:
+                    try:
+                        piece = req.take()
+                    except BlockingIOError:
+                        event = anyio.Event()
+                        wake = self._wake
+                        assert wake is not None
+                        req.waker = lambda: wake(event.set)
+                    else:
+                        if piece is None:
+                            return "".join(pieces)
+                        pieces.append(piece)
+                        continue
+                await event.wait()
+        except BaseException:
+            await self.aclose()
+            raise
+
     async def aclose(self) -> None:
         """Cancel the request and wait until the engine has let it go."""
         req = self._request
@@ -492,6 +519,7 @@ class AsyncEngine:
     """The async front of :class:`mullama.Engine`: many concurrent streams over one model."""
 
     def __init__(self, model: Model, **engine_params: Any) -> None:
+        engine_params.setdefault("nice", WORKER_NICE)   # the engine thread yields to the event loop
         self.engine = Engine(model, **engine_params)
 
     def stats(self) -> dict[str, Any]:
@@ -508,11 +536,11 @@ class AsyncEngine:
 
     async def generate(self, prompt: str, max_tokens: int = 100, params: Any = None) -> str:
         async with self.stream(prompt, max_tokens, params, buffer=1 << 30) as s:
-            return "".join([piece async for piece in s])
+            return await s.aread()
 
     async def generate_from_tokens(self, tokens: Sequence[int], max_tokens: int = 100, params: Any = None) -> str:
         async with self.stream_from_tokens(tokens, max_tokens, params, buffer=1 << 30) as s:
-            return "".join([piece async for piece in s])
+            return await s.aread()
 
     async def aclose(self) -> None:
         await _run_in_thread(self.engine.close)

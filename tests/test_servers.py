@@ -1,4 +1,5 @@
-"""The FastAPI and aiohttp examples, served for real on 127.0.0.1 and driven by real clients."""
+"""The FastAPI and aiohttp examples (served by the batching engine), for real on 127.0.0.1,
+driven by real clients."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _free_port() -> int:
 def server(request, smollm_path, minilm_path):
     port = _free_port()
     env = dict(os.environ, MULLAMA_MODEL=str(smollm_path), MULLAMA_EMBED_MODEL=str(minilm_path),
-               MULLAMA_N_CTX="4096", PYTHONPATH=str(ROOT))
+               MULLAMA_PARALLEL="4", PYTHONPATH=str(ROOT))
     if request.param == "fastapi":
         cmd = [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning"]
