@@ -191,8 +191,12 @@ class _Channel:
             with self.cond:
                 self.finished = True
                 self.notify_consumer()
-            self.wake(self.ended.set)
-            self.wake(self.gate.release)
+            self.wake(self.hand_back)
+
+    def hand_back(self) -> None:
+        # One callback in the loop thread: whoever wakes on `ended` finds the context free.
+        self.gate.release()
+        self.ended.set()
 
     def notify_consumer(self) -> None:
         waiter, self.waiter = self.waiter, None
