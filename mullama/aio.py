@@ -37,6 +37,7 @@ T = TypeVar("T")
 def _loop_waker() -> Callable[[Callable[[], object]], None]:
     """A thread-safe, non-blocking way to run a callback in the current event loop's thread."""
     lib = sniffio.current_async_library()
+    call: Callable[[Callable[[], object]], object]
     if lib == "asyncio":
         import asyncio
 
@@ -469,7 +470,7 @@ class AsyncEngineStream:
         req = self._start()
         with req.cond:
             req.wake_each = False
-        pieces = []
+        pieces: list[str] = []
         try:
             while True:
                 with req.cond:
