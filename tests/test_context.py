@@ -298,12 +298,13 @@ def test_cancel_from_another_thread(smollm, greedy):
         assert ctx.generate("The capital of France is", max_tokens=3, params=greedy).startswith(" Paris")
 
 
-@pytest.mark.parametrize("mode", ["generate", "stream"])
+@pytest.mark.parametrize("mode", ["generate", "stream", "embed_batch"])
 def test_ctrl_c_interrupts_promptly_and_context_stays_usable(smollm_path, mode):
     code = textwrap.dedent(f"""
         import os, signal, sys, threading, time, mullama
         model = mullama.Model.load({str(smollm_path)!r})
         ctx = mullama.Context(model, n_ctx=4096)
+        gen = mullama.EmbeddingGenerator(model, n_ctx=256)
         params = mullama.SamplerParams(temperature=0.8, seed=3)
         sent = []
         def fire():
@@ -314,6 +315,8 @@ def test_ctrl_c_interrupts_promptly_and_context_stays_usable(smollm_path, mode):
         try:
             if {mode!r} == "generate":
                 ctx.generate("Once upon a time", max_tokens=4000, params=params)
+            elif {mode!r} == "embed_batch":
+                gen.embed_batch(["a sentence about cats and dogs number %d" % i for i in range(20000)])
             else:
                 for _ in ctx.generate_stream("Once upon a time", max_tokens=4000, params=params):
                     pass
@@ -321,6 +324,7 @@ def test_ctrl_c_interrupts_promptly_and_context_stays_usable(smollm_path, mode):
         except KeyboardInterrupt:
             print("LATENCY_MS", (time.perf_counter() - sent[0]) * 1000)
         out = ctx.generate("The capital of France is", max_tokens=3, params=mullama.sampler_params_greedy())
+        assert gen.embed("still usable").shape == (576,)
         print("AFTER", repr(out))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
