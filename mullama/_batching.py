@@ -7,14 +7,12 @@ import collections
 import threading
 from collections.abc import Callable
 
-from ._errors import GenerationCancelled
-
 
 class EngineRequest:
     """One generation served by an Engine. The engine thread produces; one consumer takes."""
 
     __slots__ = ("tokens", "max_tokens", "params", "capacity", "pieces", "cond", "finished", "error",
-                 "finish_reason", "cancelled", "waker", "engine_wake", "slot", "n_generated", "admitted", "wake_each",
+                 "finish_reason", "cancelled", "waker", "engine_wake", "slot", "wake_each",
                  "__weakref__")
 
     def __init__(self, tokens: list[int], max_tokens: int, params: object, capacity: int,
@@ -31,9 +29,7 @@ class EngineRequest:
         self.cancelled = False
         self.waker: Callable[[], None] | None = None   # set by an async consumer while it waits
         self.engine_wake = engine_wake
-        self.slot = -1
-        self.n_generated = 0
-        self.admitted = False
+        self.slot = -1            # the engine slot serving it, once admitted
         self.wake_each = True     # False: an async consumer wants one wake-up, at the end
 
     # -- engine thread -------------------------------------------------------------------------
@@ -131,7 +127,3 @@ class EngineStream:
 
     def __del__(self) -> None:
         self.close()
-
-
-def cancelled_error() -> GenerationCancelled:
-    return GenerationCancelled("the request was cancelled")

@@ -341,7 +341,6 @@ cdef class Engine:
             s.finish = FINISH_NONE
             llama_memory_seq_rm(llama_get_memory(self.ctx.ptr), i, -1, -1)
             req.slot = i
-            req.admitted = True
             self.requests[i] = req
 
     cdef void _sweep_waiting(self):
