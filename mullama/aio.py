@@ -112,6 +112,12 @@ class _Turnstile:
         else:
             self._busy = False
 
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
 
 async def _run_in_thread(fn: Callable[[], T], cancel: Callable[[], None] | None = None) -> T:
     """Run fn in a new worker thread; on cancellation call cancel() and wait for the thread."""
@@ -321,11 +327,8 @@ class AsyncContext:
         return self._gate.busy or self.context.busy
 
     async def _call(self, fn: Callable[[], T], cancel: Callable[[], None] | None = None) -> T:
-        await self._gate.acquire()
-        try:
+        async with self._gate:
             return await _run_in_thread(fn, cancel)
-        finally:
-            self._gate.release()
 
     async def _joined(self, source: Callable[[], TokenStream]) -> str:
         # The sync stream joined inside the worker: no event-loop hop per token, and a
@@ -372,11 +375,8 @@ class AsyncContext:
         return await self._call(self.context.get_embeddings)
 
     async def aclose(self) -> None:
-        await self._gate.acquire()
-        try:
+        async with self._gate:
             self.context.close()
-        finally:
-            self._gate.release()
 
     async def __aenter__(self) -> AsyncContext:
         return self
@@ -400,18 +400,12 @@ class AsyncEmbeddingGenerator:
         return (await self.embed_batch([text]))[0]
 
     async def embed_batch(self, texts: Sequence[str]) -> Any:
-        await self._gate.acquire()
-        try:
+        async with self._gate:
             return await _run_in_thread(lambda: self.generator.embed_batch(texts), self.generator.context.cancel)
-        finally:
-            self._gate.release()
 
     async def aclose(self) -> None:
-        await self._gate.acquire()
-        try:
+        async with self._gate:
             self.generator.close()
-        finally:
-            self._gate.release()
 
     async def __aenter__(self) -> AsyncEmbeddingGenerator:
         return self
