@@ -437,26 +437,34 @@ class AsyncEngineStream:
     def __aiter__(self) -> AsyncEngineStream:
         return self
 
-    async def __anext__(self) -> str:
+    def _arm(self, req: EngineRequest) -> anyio.Event:
+        """An event the engine sets at its next notice for req. Call with req.cond held."""
+        event = anyio.Event()
+        wake = self._wake
+        assert wake is not None
+        req.waker = lambda: wake(event.set)
+        return event
+
+    async def _next_piece(self) -> str | None:
+        """The next piece, None at the end; leaving early (an error, cancellation) cancels."""
         req = self._start()
-        while True:
-            with req.cond:
-                try:
-                    piece = req.take()
-                except BlockingIOError:
-                    event = anyio.Event()
-                    wake = self._wake
-                    assert wake is not None
-                    req.waker = lambda: wake(event.set)
-                else:
-                    if piece is None:
-                        raise StopAsyncIteration
-                    return piece
-            try:
+        try:
+            while True:
+                with req.cond:
+                    try:
+                        return req.take()
+                    except BlockingIOError:
+                        event = self._arm(req)
                 await event.wait()
-            except BaseException:
-                await self.aclose()
-                raise
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def __anext__(self) -> str:
+        piece = await self._next_piece()
+        if piece is None:
+            raise StopAsyncIteration
+        return piece
 
     async def aread(self) -> str:
         """Wait for the end of the request (one event-loop wake-up, not one per piece) and
@@ -465,25 +473,9 @@ class AsyncEngineStream:
         with req.cond:
             req.wake_each = False
         pieces: list[str] = []
-        try:
-            while True:
-                with req.cond:
-                    try:
-                        piece = req.take()
-                    except BlockingIOError:
-                        event = anyio.Event()
-                        wake = self._wake
-                        assert wake is not None
-                        req.waker = lambda: wake(event.set)
-                    else:
-                        if piece is None:
-                            return "".join(pieces)
-                        pieces.append(piece)
-                        continue
-                await event.wait()
-        except BaseException:
-            await self.aclose()
-            raise
+        while (piece := await self._next_piece()) is not None:
+            pieces.append(piece)
+        return "".join(pieces)
 
     async def aclose(self) -> None:
         """Cancel the request and wait until the engine has let it go."""
@@ -496,10 +488,7 @@ class AsyncEngineStream:
                 with req.cond:
                     if req.finished:
                         return
-                    event = anyio.Event()
-                    wake = self._wake
-                    assert wake is not None
-                    req.waker = lambda: wake(event.set)
+                    event = self._arm(req)
                 await event.wait()
 
     async def __aenter__(self) -> AsyncEngineStream:
