@@ -93,8 +93,9 @@ class EngineRequest:
 class EngineStream:
     """Text pieces of one engine request, for a thread: an iterator and a context manager."""
 
-    def __init__(self, request: EngineRequest) -> None:
+    def __init__(self, request: EngineRequest, owner: object = None) -> None:
         self._request = request
+        self._owner = owner   # the Engine: a stream keeps it alive
 
     @property
     def finish_reason(self) -> str | None:

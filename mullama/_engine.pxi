@@ -3,8 +3,27 @@
 # chunks of newly admitted ones), decodes it once without the GIL, samples per sequence.
 
 import time as _time
+import weakref as _weakref
 
 from ._batching import EngineRequest, EngineStream
+
+
+def _engine_thread(engine_ref, kick, int nice):
+    """The engine thread. It holds the Engine only while there is work, so an Engine that
+    its user drops (without close()) is freed, and this thread ends with it."""
+    if nice > 0:
+        # ggml's compute threads are created by this thread and inherit its priority.
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        except (AttributeError, OSError):
+            pass
+    while True:
+        engine = engine_ref()
+        if engine is None or not (<Engine> engine)._run():
+            return
+        engine = None   # idle: let go, so that dropping the Engine frees it
+        kick.wait(5.0)
 
 cdef enum SlotState:
     SLOT_FREE = 0
@@ -150,11 +169,11 @@ cdef class Engine:
     cdef object _done_times          # (time, n_tokens) of recent steps, for tokens/s
     cdef long long _generated_total
     cdef long long _steps
+    cdef int _nice
+    cdef object __weakref__
 
     def __cinit__(self):
         self.slots = NULL
-
-    cdef int _nice
 
     def __init__(self, Model model not None, *, n_parallel=8, n_ctx=None, n_batch=512, n_threads=0,
                  prompt_chunk=None, nice=0):
@@ -188,7 +207,8 @@ cdef class Engine:
         self._done_times = collections.deque(maxlen=256)
         self._generated_total = 0
         self._steps = 0
-        self.thread = threading.Thread(target=self._loop, name="mullama-engine", daemon=True)
+        self.thread = threading.Thread(target=_engine_thread, args=(_weakref.ref(self), self.kick, self._nice),
+                                       name="mullama-engine", daemon=True)
         self.thread.start()
 
     @property
@@ -228,18 +248,18 @@ cdef class Engine:
 
     def stream(self, prompt, max_tokens=100, params=None, *, buffer=8):
         """Pieces of one completion, as an iterator; closing it (or leaving ``with``) cancels it."""
-        return EngineStream(self._submit(prompt, None, max_tokens, params, buffer))
+        return EngineStream(self._submit(prompt, None, max_tokens, params, buffer), self)
 
     def stream_from_tokens(self, tokens, max_tokens=100, params=None, *, buffer=8):
-        return EngineStream(self._submit(None, tokens, max_tokens, params, buffer))
+        return EngineStream(self._submit(None, tokens, max_tokens, params, buffer), self)
 
     def generate(self, prompt, max_tokens=100, params=None):
         """Complete ``prompt`` alongside the other requests; returns the new text."""
-        with EngineStream(self._submit(prompt, None, max_tokens, params, 1 << 30)) as s:
+        with EngineStream(self._submit(prompt, None, max_tokens, params, 1 << 30), self) as s:
             return "".join(s)
 
     def generate_from_tokens(self, tokens, max_tokens=100, params=None):
-        with EngineStream(self._submit(None, tokens, max_tokens, params, 1 << 30)) as s:
+        with EngineStream(self._submit(None, tokens, max_tokens, params, 1 << 30), self) as s:
             return "".join(s)
 
     def stats(self):
@@ -262,27 +282,20 @@ cdef class Engine:
 
     # -- the engine thread ---------------------------------------------------------------------
 
-    def _loop(self):
+    def _run(self):
+        """Serve requests until there are none (returns True) or the engine closes (False)."""
         cdef int rc, i, err = 0
         cdef llama_context * cptr = self.ctx.ptr
         cdef const llama_vocab * vocab = self.ctx.model.vocab
         cdef llama_batch * batch = &self.ctx.batch
         cdef int n_batch = self.ctx._n_batch
-        if self._nice > 0:
-            # ggml's compute threads are created by this thread and inherit its priority.
-            try:
-                tid = threading.get_native_id()
-                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self._nice))
-            except (AttributeError, OSError):
-                pass
         while not self.closing:
-            self.kick.clear()   # before looking for work: a later set() wakes the wait below
+            self.kick.clear()   # before looking for work: a later set() wakes the thread's wait
             self._admit()
             self._reap_cancelled()
             self._sweep_waiting()
             if all(r is None for r in self.requests):
-                self.kick.wait(1.0)
-                continue
+                return True
             for i in range(self.n_slots):
                 r = self.requests[i]
                 self.slots[i].paused = r is not None and r.full
@@ -305,6 +318,7 @@ cdef class Engine:
             self.waiting.clear()
         for r in left:
             r.finish(None, ClosedError("the Engine was closed"))
+        return False
 
     cdef void _admit(self):
         cdef int i
@@ -429,6 +443,8 @@ cdef class Engine:
 
     def __dealloc__(self):
         cdef int i
+        if self.kick is not None:
+            self.kick.set()   # dropped without close(): the idle engine thread sees it and ends
         if self.slots != NULL:
             for i in range(self.n_slots):
                 if self.slots[i].smpl != NULL:

@@ -157,6 +157,31 @@ def test_close_ends_running_requests(smollm):
                 and getattr(t, "_target", None) is None]
 
 
+def _engine_threads():
+    return [t for t in threading.enumerate() if t.name == "mullama-engine" and t.is_alive()]
+
+
+def test_dropped_engine_frees_its_thread_and_streams_keep_it_alive(smollm, greedy):
+    import gc
+    import weakref
+    before = len(_engine_threads())
+    e = mullama.Engine(smollm, n_parallel=2, n_ctx=1024)
+    expected = e.generate("The capital of France is", 6, greedy)
+    s = e.stream("The capital of France is", 6, greedy)
+    ref = weakref.ref(e)
+    del e
+    gc.collect()
+    assert ref() is not None                       # the open stream holds the engine
+    assert "".join(s) == expected
+    del s
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while (ref() is not None or len(_engine_threads()) > before) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ref() is None, "an Engine nobody holds was not freed"
+    assert len(_engine_threads()) == before, "the engine thread outlived its Engine"
+
+
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_async_engine_streams_and_cancels(smollm, solo, greedy, backend):
     async def main():
