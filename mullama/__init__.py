@@ -17,6 +17,7 @@ from ._errors import (
     GenerationCancelled,
     InvalidArgumentError,
     InvalidModelError,
+    ModelFileChangedError,
     ModelLoadError,
     ModelNotFoundError,
     MullamaError,
@@ -91,4 +92,5 @@ __all__ = [
     "ContextBusyError",
     "ChatTemplateError",
     "GenerationCancelled",
+    "ModelFileChangedError",
 ]

@@ -31,10 +31,12 @@ cdef struct Gen:
     int finish
     int error                     # the llama_decode result that stopped the loop
     string * out                  # UTF-8 bytes produced and not yet handed to Python
+    const mullama_file_guard * guard
 
 
 cdef int _decode_chunk(llama_context * ctx, llama_batch * batch, vector[llama_token] * hist,
-                       const llama_token * toks, int n, bint last_logits, bint all_outputs) noexcept nogil:
+                       const llama_token * toks, int n, bint last_logits, bint all_outputs,
+                       const mullama_file_guard * guard) noexcept nogil:
     """Decode n tokens at the end of the sequence 0 cache; on success append them to hist.
     On failure the cache is trimmed back to hist, so hist and the cache always agree."""
     cdef int i
@@ -49,7 +51,7 @@ cdef int _decode_chunk(llama_context * ctx, llama_batch * batch, vector[llama_to
         batch.logits[i] = all_outputs
     if last_logits:
         batch.logits[n - 1] = 1
-    rc = llama_decode(ctx, batch[0])
+    rc = _decode(ctx, batch, guard)
     if rc != 0:
         llama_memory_seq_rm(llama_get_memory(ctx), 0, pos0, -1)
         return rc
@@ -64,7 +66,8 @@ cdef int _decode_prompt(Gen * g, const llama_token * toks, int n, int n_batch, b
     cdef int chunk, rc
     while start < n:
         chunk = n - start if n - start < n_batch else n_batch
-        rc = _decode_chunk(g.ctx, g.batch, g.hist, toks + start, chunk, start + chunk == n, all_outputs)
+        rc = _decode_chunk(g.ctx, g.batch, g.hist, toks + start, chunk, start + chunk == n, all_outputs,
+                           g.guard)
         if rc != 0:
             return rc
         start += chunk
@@ -86,7 +89,7 @@ cdef int _gen_step(Gen * g) noexcept nogil:
             g.finish = FINISH_CONTEXT
             return STEP_DONE
         tok = g.pending
-        rc = _decode_chunk(g.ctx, g.batch, g.hist, &tok, 1, True, False)
+        rc = _decode_chunk(g.ctx, g.batch, g.hist, &tok, 1, True, False, g.guard)
         if rc == 2:
             return STEP_ABORTED
         if rc != 0:
@@ -357,6 +360,7 @@ cdef class Context:
         g.finish = FINISH_NONE
         g.error = 0
         g.out = NULL
+        g.guard = &self.model.guard
 
     cdef int _prompt_tokens(self, prompt, vector[llama_token] & toks) except -1:
         if not isinstance(prompt, str):

@@ -4,6 +4,7 @@ from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.stdint cimport int32_t, int64_t, uint32_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
+from posix.unistd cimport close
 from libcpp.string cimport string
 from libcpp.vector cimport vector
 
@@ -39,6 +40,24 @@ cdef extern from "_support.h" nogil:
     int mullama_atomic_load(const int * p)
     void mullama_atomic_store(int * p, int v)
     size_t mullama_utf8_complete(const char * s, size_t n)
+    ctypedef struct mullama_file_guard:
+        int fd
+        long long size
+        long long mtime_ns
+    int mullama_file_changed(const mullama_file_guard * g)
+
+
+cdef enum:
+    # Not a llama_decode result: the mapped model file changed (see mullama_file_changed).
+    # _errors.decode_error knows it as MODEL_FILE_CHANGED.
+    RC_MODEL_FILE_CHANGED = -300
+
+
+cdef inline int _decode(llama_context * ctx, llama_batch * batch, const mullama_file_guard * guard) noexcept nogil:
+    """llama_decode, unless the model's mapped file has changed underneath it."""
+    if mullama_file_changed(guard):
+        return RC_MODEL_FILE_CHANGED
+    return llama_decode(ctx, batch[0])
 
 
 from cpython.exc cimport PyErr_CheckSignals

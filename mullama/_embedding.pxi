@@ -109,7 +109,7 @@ cdef class EmbeddingGenerator:
                 starts.push_back(used)
                 with nogil:
                     rc = _embed_batch(ctx.ptr, &ctx.batch, toks, starts, rows, &view[0, 0], self._n_embd,
-                                      self.normalize)
+                                      self.normalize, &ctx.model.guard)
                 if rc == 2:
                     _raise_interrupt(&ctx.interrupt)
                     raise GenerationCancelled("embedding was aborted")
@@ -125,7 +125,7 @@ cdef class EmbeddingGenerator:
 
 cdef int _embed_batch(llama_context * ctx, llama_batch * batch, vector[llama_token] & toks,
                       vector[int] & starts, vector[int] & rows, float * out, int n_embd,
-                      bint normalize) noexcept nogil:
+                      bint normalize, const mullama_file_guard * guard) noexcept nogil:
     cdef int s, i, k, rc
     cdef int n_seq = <int> rows.size()
     cdef const float * e
@@ -139,7 +139,7 @@ cdef int _embed_batch(llama_context * ctx, llama_batch * batch, vector[llama_tok
             batch.seq_id[i][0] = s
             batch.logits[i] = 1
     llama_memory_clear(llama_get_memory(ctx), True)
-    rc = llama_decode(ctx, batch[0])
+    rc = _decode(ctx, batch, guard)
     if rc != 0:
         return rc
     for s in range(n_seq):

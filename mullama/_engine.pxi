@@ -51,7 +51,7 @@ cdef struct ESlot:
 cdef int _engine_step(llama_context * ctx, const llama_vocab * vocab, llama_batch * batch,
                       ESlot * slots, int n_slots, vector[vector[llama_token]] & prompts,
                       vector[string] & outs, int n_batch, int prompt_chunk, int n_ctx_seq,
-                      int * error) noexcept nogil:
+                      int * error, const mullama_file_guard * guard) noexcept nogil:
     """One decode for all running slots. Returns the batch size (0: nothing to do). A failed
     llama_decode leaves its result in *error and the slots in the batch unchanged."""
     cdef int i, k, take, n = 0, rc, npiece
@@ -105,7 +105,7 @@ cdef int _engine_step(llama_context * ctx, const llama_vocab * vocab, llama_batc
     if n == 0:
         return 0
     batch.n_tokens = n
-    rc = llama_decode(ctx, batch[0])
+    rc = _decode(ctx, batch, guard)
     error[0] = rc
     if rc != 0:
         for i in range(n_slots):
@@ -301,7 +301,8 @@ cdef class Engine:
                 self.slots[i].paused = r is not None and r.full
             with nogil:
                 rc = _engine_step(cptr, vocab, batch, self.slots, self.n_slots, self.prompts, self.outs,
-                                  n_batch, self.prompt_chunk, self._n_ctx_seq, &err)
+                                  n_batch, self.prompt_chunk, self._n_ctx_seq, &err,
+                                  &self.ctx.model.guard)
             self._steps += 1
             if err != 0:
                 self._fail_batch(err)

@@ -16,6 +16,7 @@ exception fits, the class derives from it too, so ``except FileNotFoundError`` k
      +-- ContextBusyError               (also RuntimeError): a stream still owns the context
      +-- ChatTemplateError              (also ValueError): no template, or it cannot be applied
      +-- GenerationCancelled            a generation was cancelled from another thread
+     +-- ModelFileChangedError          (also RuntimeError): a mapped model file changed on disk
 
 KeyboardInterrupt raised during a native loop is passed through unchanged.
 """
@@ -36,6 +37,7 @@ __all__ = [
     "ContextBusyError",
     "ChatTemplateError",
     "GenerationCancelled",
+    "ModelFileChangedError",
     "decode_error",
 ]
 
@@ -96,10 +98,26 @@ class GenerationCancelled(MullamaError):
     """The generation was cancelled (``cancel()``) before it finished."""
 
 
+class ModelFileChangedError(MullamaError, RuntimeError):
+    """The file of a model loaded with ``use_mmap=True`` was truncated or rewritten in place.
+
+    Its weights are read from that file, so mullama refuses to decode rather than let the
+    process die of SIGBUS. Replacing the file by rename is safe; see :meth:`Model.load`."""
+
+
+# Not a llama_decode result: mullama's own, for a decode refused because the model file changed.
+MODEL_FILE_CHANGED = -300
+
 # llama_decode's documented results (llama.h): the one place they become exceptions.
 _DECODE_RESULTS = {
     1: (DecodeError, "no free slot in the context's memory for the batch; use a larger n_ctx or call clear_cache()"),
     -1: (InvalidArgumentError, "llama.cpp rejected the batch as invalid (token id, position or sequence id)"),
+    MODEL_FILE_CHANGED: (
+        ModelFileChangedError,
+        "the memory-mapped model file was truncated or rewritten in place since it was loaded; "
+        "reading its weights now could kill the process (SIGBUS). Load it again; replace model "
+        "files by rename, or load with use_mmap=False where they are rewritten in place",
+    ),
 }
 
 
@@ -108,4 +126,6 @@ def decode_error(code: int, what: str) -> MullamaError:
     cls, why = _DECODE_RESULTS.get(code, (DecodeError, "the backend failed to compute the batch"))
     if cls is DecodeError:
         return DecodeError(f"{what}: llama_decode returned {code}: {why}", code)
+    if code == MODEL_FILE_CHANGED:
+        return cls(f"{what}: {why}")
     return cls(f"{what}: llama_decode returned {code}: {why}")

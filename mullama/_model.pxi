@@ -14,12 +14,14 @@ cdef class Model:
     cdef int _n_vocab
     cdef int _users             # open contexts that use ptr; close() waits for them
     cdef bint _close_requested
+    cdef mullama_file_guard guard   # the mapped file as loaded; checked before every decode
 
     def __cinit__(self):
         self.ptr = NULL
         self.vocab = NULL
         self._users = 0
         self._close_requested = False
+        self.guard.fd = -1
 
     def __init__(self):
         raise TypeError("use Model.load(path) to load a model")
@@ -31,6 +33,14 @@ cdef class Model:
         ``n_gpu_layers`` layers go to the GPU when the build has one (-1 means all).
         Raises ModelNotFoundError for a missing path or a directory, InvalidModelError for a file
         that is not a loadable GGUF model; the message carries llama.cpp's own reason.
+
+        With ``use_mmap=True`` the weights are read from the file for as long as the model
+        lives. Replacing the file by rename (``os.replace``, package managers, ``mv``) is safe:
+        the model keeps the old file. Truncating or rewriting it in place (``cp new old``,
+        ``truncate``) is detected before every decode, which then raises
+        ModelFileChangedError; a change that lands during a decode cannot be caught and kills
+        the process with SIGBUS, as for any program that maps the file. Load with
+        ``use_mmap=False`` where model files may be rewritten in place.
         """
         try:
             fspath = os.fspath(path)
@@ -72,14 +82,27 @@ cdef class Model:
         cdef bytes bpath = os.fsencode(fspath)
         cdef const char * cpath = bpath
         cdef llama_model * ptr
+        cdef int guard_fd = -1
+        if use_mmap and not vocab_only and llama_supports_mmap():
+            try:
+                guard_fd = os.open(fspath, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise ModelLoadError(f"cannot read model file {fspath!r}: {exc.strerror}") from exc
         mark = _log_mark()
         with nogil:
             ptr = llama_model_load_from_file(cpath, params)
         if ptr == NULL:
+            if guard_fd >= 0:
+                os.close(guard_fd)
             why = _log_since(mark, logging.ERROR) or _log_since(mark)
             detail = "; ".join(why[-4:]) if why else "no reason was logged"
             raise InvalidModelError(f"llama.cpp could not load {fspath!r}: {detail}")
         cdef Model model = Model.__new__(Model)
+        if guard_fd >= 0:
+            st = os.fstat(guard_fd)
+            model.guard.fd = guard_fd
+            model.guard.size = st.st_size
+            model.guard.mtime_ns = st.st_mtime_ns
         model.ptr = ptr
         model.vocab = llama_model_get_vocab(ptr)
         model._n_vocab = llama_vocab_n_tokens(model.vocab)
@@ -96,6 +119,12 @@ cdef class Model:
             llama_model_free(self.ptr)
             self.ptr = NULL
             self.vocab = NULL
+            self._close_guard()
+
+    cdef void _close_guard(self):
+        if self.guard.fd >= 0:
+            os.close(self.guard.fd)
+            self.guard.fd = -1
 
     cdef void _acquire(self):
         self._users += 1
@@ -108,6 +137,9 @@ cdef class Model:
         if self.ptr != NULL:
             llama_model_free(self.ptr)
             self.ptr = NULL
+        if self.guard.fd >= 0:
+            close(self.guard.fd)
+            self.guard.fd = -1
 
     def __enter__(self):
         return self

@@ -2,6 +2,7 @@
 #ifndef MULLAMA_SUPPORT_H
 #define MULLAMA_SUPPORT_H
 #include <stddef.h>
+#include <sys/stat.h>
 
 static inline int mullama_atomic_load(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void mullama_atomic_store(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
@@ -19,5 +20,22 @@ static inline size_t mullama_utf8_complete(const char *s, size_t n) {
         back++;
     }
     return n;
+}
+
+/* The file behind a memory-mapped model, as it was when loaded. If the file is truncated or
+   rewritten in place, touching the mapping kills the process (SIGBUS) or reads other bytes;
+   every decode checks first, so a change between decodes becomes an exception instead. */
+typedef struct {
+    int fd;                 /* -1: not mapped, nothing to check */
+    long long size;
+    long long mtime_ns;
+} mullama_file_guard;
+
+static inline int mullama_file_changed(const mullama_file_guard *g) {
+    struct stat st;
+    if (g == NULL || g->fd < 0 || fstat(g->fd, &st) != 0)
+        return 0;
+    return (long long)st.st_size != g->size
+        || (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec != g->mtime_ns;
 }
 #endif

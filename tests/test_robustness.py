@@ -299,9 +299,7 @@ def test_cancelled_async_streams_do_not_leak(smollm_path):
 
 def test_model_file_replaced_while_mapped(tmp_path, smollm_path, greedy):
     """Replacing the file by rename (how package managers and `cp` to a temp + mv work) keeps
-    the old mapping valid: the loaded model goes on working. Truncating or rewriting a mapped
-    file in place is outside what any mmap user can survive (SIGBUS); load with use_mmap=False
-    where files may be rewritten in place."""
+    the old mapping valid: the loaded model goes on working."""
     path = tmp_path / "model.gguf"
     path.write_bytes(smollm_path.read_bytes())
     model = mullama.Model.load(path, use_mmap=True)
@@ -315,3 +313,59 @@ def test_model_file_replaced_while_mapped(tmp_path, smollm_path, greedy):
     with pytest.raises(mullama.InvalidModelError):
         mullama.Model.load(path)
     model.close()
+
+
+FILE_CHANGED = textwrap.dedent("""
+    import os, shutil, sys
+    import mullama
+    src, path, how = sys.argv[1:]
+    greedy = mullama.sampler_params_greedy()
+    shutil.copyfile(src, path)
+    mapped = mullama.Model.load(path, use_mmap=True)
+    copied = mullama.Model.load(path, use_mmap=False)
+    ctx = mullama.Context(mapped, n_ctx=256)
+    own = mullama.Context(copied, n_ctx=256)
+    emb = mullama.EmbeddingGenerator(mapped, n_ctx=128)
+    engine = mullama.Engine(mapped, n_parallel=2, n_ctx=512)
+    stream = ctx.generate_stream("Once upon a time", 50, greedy)
+    first = next(stream)
+    before = own.generate("The capital of France is", 6, greedy)
+    size = os.path.getsize(path)
+    if how == "truncate":
+        os.truncate(path, size // 2)
+    elif how == "cp":                       # cp new old: truncate to 0, write again
+        with open(src, "rb") as f, open(path, "r+b") as out:
+            out.truncate(0)
+            shutil.copyfileobj(f, out)
+    else:                                   # same size, other bytes, in place
+        with open(path, "r+b") as out:
+            out.seek(size // 2)
+            out.write(b"x" * 4096)
+    failures = []
+    for name, call in [("stream", lambda: list(stream)),
+                       ("generate", lambda: ctx.generate("The capital of France is", 6, greedy)),
+                       ("embed", lambda: emb.embed("hello")),
+                       ("engine", lambda: engine.generate("hi", 4, greedy))]:
+        try:
+            call()
+        except mullama.ModelFileChangedError as exc:
+            assert "rewritten in place" in str(exc), exc
+        else:
+            failures.append(name)
+    assert not failures, f"decoded over a changed mapped file: {failures}"
+    # The vocabulary lives in memory; the copy made with use_mmap=False is unaffected.
+    assert mapped.tokenize("hello") == copied.tokenize("hello")
+    assert own.generate("The capital of France is", 6, greedy) == before
+    engine.close(); emb.close(); ctx.close(); own.close(); mapped.close(); copied.close()
+    print("ok", first != "")
+""")
+
+
+@pytest.mark.parametrize("how", ["truncate", "cp", "overwrite"])
+def test_model_file_changed_in_place_while_mapped(tmp_path, smollm_path, how):
+    """Truncating or rewriting a mapped file in place would make the next read of its weights
+    SIGBUS (or read other bytes): every decode checks the file first and raises instead."""
+    proc = subprocess.run([sys.executable, "-c", FILE_CHANGED, str(smollm_path), str(tmp_path / "m.gguf"), how],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert proc.stdout.split() == ["ok", "True"]
