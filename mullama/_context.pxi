@@ -6,6 +6,7 @@ cdef enum Finish:
     FINISH_STOP = 1       # an end-of-generation token
     FINISH_LENGTH = 2     # max_tokens reached
     FINISH_CONTEXT = 3    # the context is full
+    FINISH_NO_LOGITS = 4  # the model computed no logits to sample from (an error, not a reason)
 
 _FINISH_NAMES = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_CONTEXT: "context"}
 
@@ -79,6 +80,7 @@ cdef int _gen_step(Gen * g) noexcept nogil:
     cdef llama_token tok
     cdef int rc, n
     cdef char buf[256]
+    cdef float * logits
     if _poll_interrupt(g.interrupt):
         return STEP_ABORTED
     if g.n_generated >= g.max_tokens:
@@ -96,10 +98,14 @@ cdef int _gen_step(Gen * g) noexcept nogil:
             g.error = rc
             return rc if rc != STEP_DONE else -1000
         g.pending = -1
-    if llama_get_logits_ith(g.ctx, -1) == NULL:
+    logits = llama_get_logits_ith(g.ctx, -1)
+    if llama_get_memory(g.ctx) == NULL or not mullama_logits_fresh(logits):
+        # No memory: an encoder-only model, whose llama_decode runs the encoder and computes
+        # no logits. A stale stamp: some other model that computed none.
         g.error = STEP_NO_LOGITS
         return STEP_NO_LOGITS
     tok = llama_sampler_sample(g.smpl, g.ctx, -1)
+    mullama_logits_used(logits)
     if llama_vocab_is_eog(g.vocab, tok):
         g.finish = FINISH_STOP
         return STEP_DONE
@@ -173,7 +179,7 @@ cdef class Context:
             p.kv_unified = True
         if _pooling is not None:
             p.pooling_type = <llama_pooling_type> <int> _pooling
-        p.abort_callback = _poll_interrupt
+        p.abort_callback = _abort_callback
         p.abort_callback_data = &self.interrupt
         _arm_interrupt(&self.interrupt)
         mark = _log_mark()
@@ -190,6 +196,10 @@ cdef class Context:
         self.ptr = ptr
         self.model = model
         model._acquire()
+        cdef float * rows = llama_get_logits(ptr)
+        if rows != NULL and not embeddings:
+            for i in range(n_seq_max):
+                mullama_logits_used(rows + <size_t> i * model._n_vocab)
         self._n_ctx = llama_n_ctx(ptr)
         self._n_batch = llama_n_batch(ptr)
         self._embeddings = bool(embeddings)
@@ -422,10 +432,7 @@ cdef class Context:
             _raise_interrupt(&self.interrupt)
             raise GenerationCancelled("generation was aborted")
         if rc == STEP_NO_LOGITS:
-            raise InvalidArgumentError(
-                f"model {self.model.path!r} produced no logits; it cannot generate text "
-                "(an embedding model? use EmbeddingGenerator)"
-            )
+            raise self.model._no_logits_error()
         if rc < 0 or (rc != STEP_DONE and rc != STEP_TOKEN):
             raise decode_error(g.error, "decoding a generated token")
         return 0

@@ -45,6 +45,10 @@ cdef extern from "_support.h" nogil:
         long long size
         long long mtime_ns
     int mullama_file_changed(const mullama_file_guard * g)
+    int mullama_decode_aborted()
+    int mullama_logits_fresh(const float * row)
+    void mullama_logits_used(float * row)
+    void mullama_set_decode_aborted(int v)
 
 
 cdef enum:
@@ -55,9 +59,12 @@ cdef enum:
 
 cdef inline int _decode(llama_context * ctx, llama_batch * batch, const mullama_file_guard * guard) noexcept nogil:
     """llama_decode, unless the model's mapped file has changed underneath it."""
+    cdef int rc
     if mullama_file_changed(guard):
         return RC_MODEL_FILE_CHANGED
-    return llama_decode(ctx, batch[0])
+    rc = llama_decode(ctx, batch[0])
+    mullama_set_decode_aborted(0)
+    return rc
 
 
 from cpython.exc cimport PyErr_CheckSignals
@@ -88,7 +95,7 @@ cdef void _log_callback(ggml_log_level level, const char * text, void * user_dat
         return
     with gil:
         try:
-            _handle_log(<int>level, text.decode("utf-8", "replace"))
+            _handle_log(<int>level, text.decode("utf-8", "replace"), mullama_decode_aborted())
         except BaseException:
             pass
 
@@ -96,9 +103,11 @@ cdef void _log_callback(ggml_log_level level, const char * text, void * user_dat
 _log_seq = [0]
 
 
-def _handle_log(int level, str text):
+def _handle_log(int level, str text, bint aborting=False):
     if level != GGML_LOG_LEVEL_CONT:
-        _last_level[0] = _LEVELS.get(level, logging.DEBUG)
+        # A decode that mullama aborted (cancel, Ctrl-C) makes llama.cpp log errors on its way
+        # out; they are what was asked for, so they go to DEBUG.
+        _last_level[0] = logging.DEBUG if aborting else _LEVELS.get(level, logging.DEBUG)
     _log_partial.append(text)
     if not text.endswith("\n"):
         return
@@ -144,7 +153,7 @@ cdef struct Interrupt:
 
 
 cdef cbool _poll_interrupt(void * data) noexcept nogil:
-    """The abort callback of every context; also polled between tokens. Cheap unless a poll is due."""
+    """Polled by the abort callback and between tokens. Cheap unless a poll is due."""
     cdef Interrupt * it = <Interrupt *> data
     cdef int64_t now
     if mullama_atomic_load(&it.cancel) or it.interrupted:
@@ -156,6 +165,14 @@ cdef cbool _poll_interrupt(void * data) noexcept nogil:
             with gil:
                 _poll_signals(it)
     return it.interrupted != 0
+
+
+cdef cbool _abort_callback(void * data) noexcept nogil:
+    """The abort callback of every context, called by ggml in the thread running llama_decode."""
+    if _poll_interrupt(data):
+        mullama_set_decode_aborted(1)
+        return True
+    return False
 
 
 cdef void _poll_signals(Interrupt * it) noexcept:

@@ -58,6 +58,7 @@ cdef int _engine_step(llama_context * ctx, const llama_vocab * vocab, llama_batc
     cdef ESlot * s
     cdef llama_token tok
     cdef char buf[256]
+    cdef float * logits
     for i in range(n_slots):
         s = &slots[i]
         s.batch_idx = -1
@@ -125,7 +126,13 @@ cdef int _engine_step(llama_context * ctx, const llama_vocab * vocab, llama_batc
             s.finish = FINISH_LENGTH
             s.state = SLOT_DONE
             continue
+        logits = llama_get_logits_ith(ctx, s.batch_idx)
+        if not mullama_logits_fresh(logits):
+            s.finish = FINISH_NO_LOGITS
+            s.state = SLOT_DONE
+            continue
         tok = llama_sampler_sample(s.smpl, ctx, s.batch_idx)
+        mullama_logits_used(logits)
         if llama_vocab_is_eog(vocab, tok):
             s.finish = FINISH_STOP
             s.state = SLOT_DONE
@@ -184,6 +191,9 @@ cdef class Engine:
         _check_int(n_ctx, "n_ctx", n_parallel * 8, 1 << 24)
         _check_int(n_batch, "n_batch", max(n_parallel, 8), 1 << 16)
         self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_seq_max=n_parallel)
+        if llama_get_memory(self.ctx.ptr) == NULL:   # encoder-only: no logits to sample
+            self.ctx.close()
+            raise model._no_logits_error()
         self.n_parallel = n_parallel
         self.n_slots = n_parallel
         self._n_ctx_seq = llama_n_ctx_seq(self.ctx.ptr)
@@ -404,6 +414,9 @@ cdef class Engine:
                 continue
             if s.sampled:
                 produced += 1
+            if s.state == SLOT_DONE and s.finish == FINISH_NO_LOGITS:
+                self._free_slot(i, None, self.ctx.model._no_logits_error())
+                continue
             if s.state == SLOT_DONE:
                 if self.outs[i].size():
                     r.push(self.outs[i].decode("utf-8", "replace"))

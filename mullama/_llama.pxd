@@ -2,7 +2,7 @@
 # Declarations of what llama.h (and the few ggml.h names it uses) offers; names exactly as in C.
 # Only declarations live here; the classes are in _llama.pyx and its include files.
 
-from libc.stdint cimport int8_t, int32_t, int64_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdio cimport FILE
 from libcpp cimport bool as cbool
 
@@ -19,6 +19,49 @@ cdef extern from "ggml.h" nogil:
     ctypedef void (*ggml_log_callback)(ggml_log_level level, const char * text, void * user_data) noexcept
     ctypedef cbool (*ggml_abort_callback)(void * data) noexcept
     int64_t ggml_time_us()
+
+
+cdef extern from "gguf.h" nogil:
+    cdef enum gguf_type:
+        GGUF_TYPE_UINT8
+        GGUF_TYPE_INT8
+        GGUF_TYPE_UINT16
+        GGUF_TYPE_INT16
+        GGUF_TYPE_UINT32
+        GGUF_TYPE_INT32
+        GGUF_TYPE_FLOAT32
+        GGUF_TYPE_BOOL
+        GGUF_TYPE_STRING
+        GGUF_TYPE_ARRAY
+        GGUF_TYPE_UINT64
+        GGUF_TYPE_INT64
+        GGUF_TYPE_FLOAT64
+    cdef struct gguf_context:
+        pass
+    cdef struct ggml_context:
+        pass
+    cdef struct gguf_init_params:
+        cbool no_alloc
+        ggml_context ** ctx
+    gguf_context * gguf_init_from_file(const char * fname, gguf_init_params params)
+    void gguf_free(gguf_context * ctx)
+    int64_t gguf_get_n_kv(const gguf_context * ctx)
+    const char * gguf_get_key(const gguf_context * ctx, int64_t key_id)
+    gguf_type gguf_get_kv_type(const gguf_context * ctx, int64_t key_id)
+    gguf_type gguf_get_arr_type(const gguf_context * ctx, int64_t key_id)
+    uint8_t gguf_get_val_u8(const gguf_context * ctx, int64_t key_id)
+    int8_t gguf_get_val_i8(const gguf_context * ctx, int64_t key_id)
+    uint16_t gguf_get_val_u16(const gguf_context * ctx, int64_t key_id)
+    int16_t gguf_get_val_i16(const gguf_context * ctx, int64_t key_id)
+    uint32_t gguf_get_val_u32(const gguf_context * ctx, int64_t key_id)
+    int32_t gguf_get_val_i32(const gguf_context * ctx, int64_t key_id)
+    float gguf_get_val_f32(const gguf_context * ctx, int64_t key_id)
+    uint64_t gguf_get_val_u64(const gguf_context * ctx, int64_t key_id)
+    int64_t gguf_get_val_i64(const gguf_context * ctx, int64_t key_id)
+    double gguf_get_val_f64(const gguf_context * ctx, int64_t key_id)
+    const char * gguf_get_val_str(const gguf_context * ctx, int64_t key_id)
+    size_t gguf_get_arr_n(const gguf_context * ctx, int64_t key_id)
+    const void * gguf_get_arr_data(const gguf_context * ctx, int64_t key_id)
 
 
 cdef extern from "llama.h" nogil:
@@ -177,6 +220,7 @@ cdef extern from "llama.h" nogil:
 
     void llama_set_n_threads(llama_context * ctx, int32_t n_threads, int32_t n_threads_batch)
     void llama_set_abort_callback(llama_context * ctx, ggml_abort_callback abort_callback, void * abort_callback_data)
+    float * llama_get_logits(llama_context * ctx)
     float * llama_get_logits_ith(llama_context * ctx, int32_t i)
     float * llama_get_embeddings_ith(llama_context * ctx, int32_t i)
     float * llama_get_embeddings_seq(llama_context * ctx, llama_seq_id seq_id)

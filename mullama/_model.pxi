@@ -1,5 +1,64 @@
 # Model: the one owner of a llama_model pointer.
 
+from . import _hparams
+
+
+cdef object _gguf_numbers(const char * cpath):
+    """The scalar numbers and strings and the integer arrays of a GGUF file's metadata, read
+    with ggml's own GGUF reader; None where it refuses the file (llama.cpp then says why)."""
+    cdef gguf_init_params ip
+    ip.no_alloc = True
+    ip.ctx = NULL
+    cdef gguf_context * g
+    cdef int64_t i
+    cdef size_t k, n
+    cdef gguf_type t, at
+    cdef const int32_t * i32
+    cdef const uint32_t * u32
+    with nogil:
+        g = gguf_init_from_file(cpath, ip)
+    if g == NULL:
+        return None
+    kv = {}
+    try:
+        for i in range(gguf_get_n_kv(g)):
+            key = gguf_get_key(g, i).decode("utf-8", "replace")
+            t = gguf_get_kv_type(g, i)
+            if t == GGUF_TYPE_UINT8:
+                kv[key] = gguf_get_val_u8(g, i)
+            elif t == GGUF_TYPE_INT8:
+                kv[key] = gguf_get_val_i8(g, i)
+            elif t == GGUF_TYPE_UINT16:
+                kv[key] = gguf_get_val_u16(g, i)
+            elif t == GGUF_TYPE_INT16:
+                kv[key] = gguf_get_val_i16(g, i)
+            elif t == GGUF_TYPE_UINT32:
+                kv[key] = gguf_get_val_u32(g, i)
+            elif t == GGUF_TYPE_INT32:
+                kv[key] = gguf_get_val_i32(g, i)
+            elif t == GGUF_TYPE_UINT64:
+                kv[key] = gguf_get_val_u64(g, i)
+            elif t == GGUF_TYPE_INT64:
+                kv[key] = gguf_get_val_i64(g, i)
+            elif t == GGUF_TYPE_FLOAT32:
+                kv[key] = <double> gguf_get_val_f32(g, i)
+            elif t == GGUF_TYPE_FLOAT64:
+                kv[key] = gguf_get_val_f64(g, i)
+            elif t == GGUF_TYPE_STRING:
+                kv[key] = gguf_get_val_str(g, i).decode("utf-8", "replace")
+            elif t == GGUF_TYPE_ARRAY:
+                at = gguf_get_arr_type(g, i)
+                n = gguf_get_arr_n(g, i)
+                if at == GGUF_TYPE_INT32 and n <= 4096:
+                    i32 = <const int32_t *> gguf_get_arr_data(g, i)
+                    kv[key] = [i32[k] for k in range(n)]
+                elif at == GGUF_TYPE_UINT32 and n <= 4096:
+                    u32 = <const uint32_t *> gguf_get_arr_data(g, i)
+                    kv[key] = [u32[k] for k in range(n)]
+    finally:
+        gguf_free(g)
+    return kv
+
 cdef class Model:
     """A GGUF model loaded into memory. Load with :meth:`Model.load`.
 
@@ -83,6 +142,12 @@ cdef class Model:
         cdef const char * cpath = bpath
         cdef llama_model * ptr
         cdef int guard_fd = -1
+        if not vocab_only:
+            kv = _gguf_numbers(cpath)
+            arch = kv.get("general.architecture") if kv is not None else None
+            bad = _hparams.problems(kv, arch) if isinstance(arch, str) else []
+            if bad:
+                raise InvalidModelError(f"{fspath!r} has hyperparameters llama.cpp cannot use: {'; '.join(bad)}")
         if use_mmap and not vocab_only and llama_supports_mmap():
             try:
                 guard_fd = os.open(fspath, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -146,6 +211,12 @@ cdef class Model:
 
     def __exit__(self, *exc):
         self.close()
+
+    cdef object _no_logits_error(self):
+        return InvalidArgumentError(
+            f"model {self.path!r} computed no logits, so it cannot generate text "
+            "(an embedding model? use EmbeddingGenerator)"
+        )
 
     cdef inline int _check(self) except -1:
         if self.ptr == NULL or self._close_requested:

@@ -2,6 +2,7 @@
 #ifndef MULLAMA_SUPPORT_H
 #define MULLAMA_SUPPORT_H
 #include <stddef.h>
+#include <math.h>
 #include <sys/stat.h>
 
 static inline int mullama_atomic_load(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -21,6 +22,20 @@ static inline size_t mullama_utf8_complete(const char *s, size_t n) {
     }
     return n;
 }
+
+/* Set by mullama's abort callback in the thread whose llama_decode it aborts (ggml runs the
+   callback in the calling thread), cleared when that llama_decode returns: the errors
+   llama.cpp logs on the way out are the expected result of a cancel, not failures. */
+static __thread int mullama_decode_aborted_flag = 0;
+static inline int mullama_decode_aborted(void) { return mullama_decode_aborted_flag; }
+static inline void mullama_set_decode_aborted(int v) { mullama_decode_aborted_flag = v; }
+
+/* A logits row mullama has sampled from is stamped with NaN (so are all rows of a new context);
+   a decode that computes logits overwrites the stamp. A stamp still there after a decode means
+   the model computed none (an encoder-only embedding model), and sampling would read stale
+   memory. A model whose logits really are NaN is refused the same way, which is as well. */
+static inline int mullama_logits_fresh(const float *row) { return row != NULL && !isnan(row[0]); }
+static inline void mullama_logits_used(float *row) { if (row != NULL) row[0] = NAN; }
 
 /* The file behind a memory-mapped model, as it was when loaded. If the file is truncated or
    rewritten in place, touching the mapping kills the process (SIGBUS) or reads other bytes;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -296,6 +297,27 @@ def test_cancel_from_another_thread(smollm, greedy):
             ctx.generate("Once upon a time", max_tokens=100_000, params=mullama.SamplerParams(temperature=0.8, seed=1))
         assert ctx.last_finish_reason == "cancelled"
         assert ctx.generate("The capital of France is", max_tokens=3, params=greedy).startswith(" Paris")
+
+
+def test_cancel_mid_decode_logs_no_errors_but_real_failures_still_do(smollm, tmp_path, caplog):
+    """llama.cpp logs ERROR lines when its decode is aborted; for a cancel mullama asked for
+    they go to DEBUG, so a server log does not fill with errors on each client disconnect."""
+    caplog.set_level(logging.DEBUG, logger="mullama")
+    with mullama.Context(smollm, n_ctx=2048, n_batch=2048) as ctx:
+        timer = threading.Timer(0.05, ctx.cancel)
+        timer.start()
+        with pytest.raises(mullama.GenerationCancelled):
+            ctx.generate("hello " * 1500, 5)   # long enough that the cancel lands inside the decode
+        timer.join()
+    aborted = [r for r in caplog.records if "failed to decode" in r.getMessage()]
+    assert aborted and all(r.levelno == logging.DEBUG for r in aborted)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    caplog.clear()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(mullama.InvalidModelError):
+        mullama.Model.load(bad)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.mark.parametrize("mode", ["generate", "stream", "embed_batch"])

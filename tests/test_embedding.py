@@ -86,3 +86,18 @@ def test_cosine_similarity():
     assert abs(mullama.cosine_similarity([1, 2, 3], [2, 4, 6]) - 1.0) < 1e-12
     with pytest.raises(ValueError, match="different lengths"):
         mullama.cosine_similarity([1, 2], [1, 2, 3])
+
+
+def test_an_embedding_model_refuses_to_generate(minilm, smollm):
+    """An encoder-only model computes no logits: sampling would read stale memory and return
+    noise. Every way of generating says so instead, and the objects stay usable."""
+    with mullama.Context(minilm, n_ctx=128) as ctx:
+        for attempt in range(2):
+            with pytest.raises(mullama.InvalidArgumentError, match="computed no logits"):
+                ctx.generate("Hello world", 4)
+        with pytest.raises(mullama.InvalidArgumentError, match="computed no logits"):
+            list(ctx.generate_stream("Hello world", 4))
+    with pytest.raises(mullama.InvalidArgumentError, match="computed no logits"):
+        mullama.Engine(minilm, n_parallel=2, n_ctx=256)
+    with mullama.Engine(smollm, n_parallel=2, n_ctx=512) as engine:   # a real one is unaffected
+        assert engine.generate("The capital of France is", 3, mullama.sampler_params_greedy()).startswith(" Paris")
