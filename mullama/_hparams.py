@@ -13,6 +13,25 @@ from collections.abc import Mapping
 
 MAX_LAYERS = 512      # LLAMA_MAX_LAYERS (src/llama-hparams.h)
 MAX_EXPERTS = 1024    # LLAMA_MAX_EXPERTS
+POOLING_TYPES = range(0, 5)   # enum llama_pooling_type: none, mean, cls, last, rank
+ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")   # LLAMA_ROPE_SCALING_TYPES
+
+
+def vocab_problems(kv: Mapping[str, object]) -> list[str]:
+    """What llama.cpp's vocabulary loader would abort on (it maps each token string to one id)."""
+    tokens = kv.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):
+        return []
+    if len(set(tokens)) == len(tokens) and b"" not in tokens:   # the common case, at C speed
+        return []
+    seen: dict[bytes, int] = {}
+    for i, tok in enumerate(tokens):
+        tok = tok or f"[EMPTY_{i}]".encode()   # what llama.cpp names an empty token
+        if tok in seen:
+            return [f"tokenizer.ggml.tokens has {tok!r} twice (ids {seen[tok]} and {i}); "
+                    "every token string must be unique"]
+        seen[tok] = i
+    return []
 
 
 def problems(kv: Mapping[str, object], arch: str) -> list[str]:
@@ -55,6 +74,12 @@ def problems(kv: Mapping[str, object], arch: str) -> list[str]:
     elif groups != 0:
         out.append(f"{arch}.expert_group_count is {groups} in a model without experts")
 
+    pooling = kv.get(f"{arch}.pooling_type")
+    if isinstance(pooling, int) and pooling not in POOLING_TYPES:
+        out.append(f"{arch}.pooling_type is {pooling}; llama.cpp knows 0..{POOLING_TYPES[-1]}")
+    rope = kv.get(f"{arch}.rope.scaling.type")
+    if isinstance(rope, str) and rope not in ROPE_SCALING_TYPES:
+        out.append(f"{arch}.rope.scaling.type is {rope!r}; llama.cpp knows {', '.join(ROPE_SCALING_TYPES)}")
     for key, value in kv.items():
         if key.endswith(("epsilon", ".eps")) and isinstance(value, float) \
                 and not (math.isfinite(value) and value >= 0):

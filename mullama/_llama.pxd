@@ -62,6 +62,7 @@ cdef extern from "gguf.h" nogil:
     const char * gguf_get_val_str(const gguf_context * ctx, int64_t key_id)
     size_t gguf_get_arr_n(const gguf_context * ctx, int64_t key_id)
     const void * gguf_get_arr_data(const gguf_context * ctx, int64_t key_id)
+    const char * gguf_get_arr_str(const gguf_context * ctx, int64_t key_id, size_t i)
 
 
 cdef extern from "llama.h" nogil:

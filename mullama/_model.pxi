@@ -3,9 +3,10 @@
 from . import _hparams
 
 
-cdef object _gguf_numbers(const char * cpath):
-    """The scalar numbers and strings and the integer arrays of a GGUF file's metadata, read
-    with ggml's own GGUF reader; None where it refuses the file (llama.cpp then says why)."""
+cdef object _gguf_metadata(const char * cpath):
+    """The scalar numbers and strings, the integer arrays and the token strings of a GGUF
+    file's metadata, read with ggml's own GGUF reader; None where it refuses the file
+    (llama.cpp then says why)."""
     cdef gguf_init_params ip
     ip.no_alloc = True
     ip.ctx = NULL
@@ -55,6 +56,8 @@ cdef object _gguf_numbers(const char * cpath):
                 elif at == GGUF_TYPE_UINT32 and n <= 4096:
                     u32 = <const uint32_t *> gguf_get_arr_data(g, i)
                     kv[key] = [u32[k] for k in range(n)]
+                elif at == GGUF_TYPE_STRING and key == "tokenizer.ggml.tokens":
+                    kv[key] = [<bytes> gguf_get_arr_str(g, i, k) for k in range(n)]
     finally:
         gguf_free(g)
     return kv
@@ -142,10 +145,12 @@ cdef class Model:
         cdef const char * cpath = bpath
         cdef llama_model * ptr
         cdef int guard_fd = -1
-        if not vocab_only:
-            kv = _gguf_numbers(cpath)
-            arch = kv.get("general.architecture") if kv is not None else None
-            bad = _hparams.problems(kv, arch) if isinstance(arch, str) else []
+        kv = _gguf_metadata(cpath)
+        if kv is not None:
+            arch = kv.get("general.architecture")
+            bad = _hparams.vocab_problems(kv)
+            if not vocab_only and isinstance(arch, str):
+                bad += _hparams.problems(kv, arch)
             if bad:
                 raise InvalidModelError(f"{fspath!r} has hyperparameters llama.cpp cannot use: {'; '.join(bad)}")
         if use_mmap and not vocab_only and llama_supports_mmap():

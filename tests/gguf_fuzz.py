@@ -53,9 +53,11 @@ def parse(data: bytes) -> tuple[list[Field], int]:
         pos += struct.calcsize(fmt)
         return value
 
-    def string(kind: str, name: str) -> str:
+    def string(kind: str, name: str, content: str | None = None) -> str:
         nonlocal pos
         n = take("<Q", kind, name)
+        if content and n:
+            fields.append(Field(pos, f"{n}s", content, name))
         s = data[pos:pos + n].decode("utf-8", "replace")
         pos += n
         return s
@@ -68,7 +70,7 @@ def parse(data: bytes) -> tuple[list[Field], int]:
         key = string("key_length", "key")
         vtype = take("<I", "value_type", key)
         if vtype == STR:
-            string("string_length", key)
+            string("string_length", key, "string_bytes")
         elif vtype == ARR:
             etype = take("<I", "array_type", key)
             count = take("<Q", "array_count", key)
@@ -94,6 +96,11 @@ _INT_EDGES = [0, 1, 2, 3, 7, 8, 255, 256, 2**15, 2**16, 2**31 - 1, 2**31, 2**32 
 
 def _mutated_value(field: Field, old: object, rnd: random.Random) -> bytes:
     fmt = field.fmt
+    if fmt.endswith("s"):   # a string's bytes: other text of the same length
+        raw = bytearray(old)
+        for _ in range(rnd.randint(1, len(raw))):
+            raw[rnd.randrange(len(raw))] = rnd.choice([rnd.randrange(256), rnd.randrange(32, 127)])
+        return bytes(raw)
     if fmt in ("<f", "<d"):
         value = rnd.choice([float("nan"), float("inf"), float("-inf"), 0.0, -1.0, 1e30, -1e-30,
                             float(old) * rnd.choice([-1, 0.5, 2, 1000])])
@@ -118,7 +125,7 @@ def _mutated_value(field: Field, old: object, rnd: random.Random) -> bytes:
 # category -> weight; "bytes" and "cut" are not tied to one field
 CATEGORIES = {
     "count": 3, "version": 1, "key_length": 3, "value_type": 4, "value": 12, "string_length": 3,
-    "array_type": 3, "array_count": 4, "array_item": 3, "array_string_length": 3,
+    "string_bytes": 4, "array_type": 3, "array_count": 4, "array_item": 3, "array_string_length": 3,
     "tensor_name_length": 2, "tensor_n_dims": 5, "tensor_dim": 10, "tensor_type": 8, "tensor_offset": 8,
     "bytes": 8, "cut": 4,
 }
@@ -178,7 +185,7 @@ def worker(models: list[str], seed: int, start: int, count: int, workdir: str) -
                     f.seek(off)
                     f.write(bytes.fromhex(hx))
         try:
-            outcome = _exercise(mullama, path, greedy)
+            outcome = _exercise(mullama, path, greedy, n_ctx=0 if i % 8 in (2, 3) else 64)
         except mullama.MullamaError as exc:
             outcome = "refused " + type(exc).__name__
         except Exception as exc:   # not a mullama error: a finding
@@ -192,7 +199,9 @@ def worker(models: list[str], seed: int, start: int, count: int, workdir: str) -
         print(f"done {i} {outcome}", flush=True)
 
 
-def _exercise(mullama, path: str, greedy) -> str:
+def _exercise(mullama, path: str, greedy, n_ctx: int) -> str:
+    """Load the file (vocabulary only, then whole) and use it; n_ctx=0 takes the (perhaps
+    mutated) training context length."""
     with mullama.Model.load(path, vocab_only=True) as model:
         model.tokenize("Hello world")
     with mullama.Model.load(path) as model:
@@ -201,13 +210,13 @@ def _exercise(mullama, path: str, greedy) -> str:
         _ = (model.n_embd, model.n_vocab, model.n_layer, model.description, model.metadata())
         if model.n_vocab:
             try:
-                with mullama.Context(model, n_ctx=64, n_batch=64) as ctx:
+                with mullama.Context(model, n_ctx=n_ctx, n_batch=64) as ctx:
                     ctx.generate(text, 2, greedy)
                 return "loaded, generated"
             except mullama.InvalidArgumentError as exc:
                 if "computed no logits" not in str(exc):
                     raise
-            with mullama.EmbeddingGenerator(model, n_ctx=64) as gen:
+            with mullama.EmbeddingGenerator(model, n_ctx=n_ctx or 64) as gen:
                 gen.embed(text)
             return "loaded, embedded"
     return "loaded"

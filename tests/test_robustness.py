@@ -112,7 +112,7 @@ def test_fuzz_gguf_loading_on_mutated_real_files(smollm_path, minilm_path):
     assert not report["findings"], report["findings"]
 
 
-HPARAM_CASES = textwrap.dedent("""
+FUZZ_FINDINGS = textwrap.dedent("""
     import json, shutil, struct, sys
     import mullama
     sys.path.insert(0, sys.argv[3])
@@ -121,45 +121,84 @@ HPARAM_CASES = textwrap.dedent("""
     data = open(src, "rb").read()
     fields, _ = parse(data)
     shutil.copyfile(src, work)
-    for key, value in json.loads(sys.argv[4]):
+    tokens = [f for f in fields if f.kind == "array_string_length" and f.name == "tokenizer.ggml.tokens"]
+
+    def patch_for(key, value):
+        if key == "duplicate token":      # token 1000 := the text of another token as long
+            lengths = [struct.unpack_from("<Q", data, f.offset)[0] for f in tokens]
+            j = next(j for j in range(1001, len(tokens)) if lengths[j] == lengths[1000])
+            start = tokens[j].offset + 8
+            return tokens[1000].offset + 8, data[start:start + lengths[j]]
         f = next(f for f in fields if f.kind == "value" and f.name == key)
+        return f.offset, struct.pack(f.fmt, float(value) if f.fmt == "<f" else value)
+
+    for key, value in json.loads(sys.argv[4]):
+        off, new = patch_for(key, value)
         with open(work, "r+b") as out:
-            out.seek(f.offset)
-            out.write(struct.pack(f.fmt, float(value) if f.fmt == "<f" else value))
+            out.seek(off)
+            out.write(new)
         try:
+            mullama.Model.load(work, vocab_only=True).close()
             with mullama.Model.load(work) as m:
                 if key.startswith("bert."):
                     mullama.EmbeddingGenerator(m, n_ctx=64).embed("Hello")
                 else:
-                    mullama.Context(m, n_ctx=64).generate("Hello", 1)
-            print("loaded", key, flush=True)
-        except mullama.InvalidModelError as exc:
-            print("refused", key, "|", exc, flush=True)
+                    mullama.Context(m).generate("Hello", 1)   # n_ctx=0: the training context
+            print("ok", key, flush=True)
+        except mullama.MullamaError as exc:
+            print(type(exc).__name__, key, "|", exc, flush=True)
         with open(work, "r+b") as out:
-            out.seek(f.offset)
-            out.write(data[f.offset:f.offset + struct.calcsize(f.fmt)])
+            out.seek(off)
+            out.write(data[off:off + len(new)])
 """)
 
 
 @pytest.mark.parametrize("which", ["smollm", "minilm"])
-def test_hyperparameters_llama_cpp_would_abort_on_are_refused(tmp_path, which, smollm_path, minilm_path):
-    """Found by the GGUF fuzz run: llama.cpp GGML_ASSERTs (aborting the process) on a layer
-    count outside 1..512 and on a negative or NaN norm epsilon. They are InvalidModelError now."""
+def test_what_the_gguf_fuzz_run_found_is_refused(tmp_path, which, smollm_path, minilm_path):
+    """Each of these made llama.cpp abort (GGML_ASSERT) or hang before mullama checked for it:
+    a layer count outside 1..512, a negative or NaN norm epsilon, an unknown pooling type, a
+    vocabulary with a token twice, a training context of a billion tokens (n_ctx=0)."""
     from pathlib import Path
 
     arch, src = {"smollm": ("llama", smollm_path), "minilm": ("bert", minilm_path)}[which]
     eps = f"{arch}.attention.layer_norm_rms_epsilon" if arch == "llama" else f"{arch}.attention.layer_norm_epsilon"
     cases = [(f"{arch}.block_count", 0), (f"{arch}.block_count", 513), (f"{arch}.block_count", 2**32 - 1),
-             (eps, -1.0), (eps, "nan"), (eps, "-inf"), (eps, 0.0)]
-    proc = subprocess.run([sys.executable, "-c", HPARAM_CASES, str(src), str(tmp_path / "m.gguf"),
+             (eps, -1.0), (eps, "nan"), (eps, "-inf"), ("duplicate token", None)]
+    if arch == "bert":
+        cases += [("bert.pooling_type", 5), ("bert.pooling_type", 2**32 - 1)]
+    else:
+        cases += [("llama.context_length", 1_048_877_345)]
+    cases.append((eps, 0.0))
+    proc = subprocess.run([sys.executable, "-c", FUZZ_FINDINGS, str(src), str(tmp_path / "m.gguf"),
                            str(Path(__file__).parent), __import__("json").dumps(cases)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     lines = proc.stdout.splitlines()
     assert len(lines) == len(cases)
     for (key, value), line in zip(cases[:-1], lines):
-        assert line.startswith(f"refused {key} |") and key in line.split("|", 1)[1], (value, line)
-    assert lines[-1] == f"loaded {eps}"      # 0 is a valid epsilon
+        expected = "ContextCreateError" if key.endswith("context_length") else "InvalidModelError"
+        says = {"duplicate token": "twice", "llama.context_length": "training context"}.get(key, key)
+        assert line.startswith(f"{expected} {key} |") and says in line.split("|", 1)[1], (value, line)
+    assert lines[-1] == f"ok {eps}"      # 0 is a valid epsilon
+
+
+def test_hyperparameter_rules_name_the_key():
+    from mullama._hparams import problems
+
+    ok = {"general.architecture": "llama", "llama.block_count": 30, "llama.attention.layer_norm_rms_epsilon": 1e-5}
+    assert problems(ok, "llama") == []
+    for change, key in [({"llama.rope.scaling.type": "warp"}, "rope.scaling.type"),
+                        ({"llama.expert_count": 2000}, "expert_count"),
+                        ({"llama.expert_count": 8, "llama.expert_used_count": 0}, "expert_used_count"),
+                        ({"llama.expert_count": 8, "llama.expert_used_count": [2] * 30 + [9]}, None),
+                        ({"llama.expert_count": 8, "llama.expert_used_count": [2] * 29 + [9]}, "expert_used_count"),
+                        ({"llama.expert_count": 0, "llama.expert_group_count": 2}, "expert_group_count"),
+                        ({"llama.nextn_predict_layers": 31}, "nextn_predict_layers")]:
+        found = problems({**ok, **change}, "llama")
+        if key is None:   # per-layer counts beyond block_count are not read
+            assert found == []
+        else:
+            assert len(found) == 1 and key in found[0], (change, found)
 
 
 def test_objects_dropped_in_any_order(smollm_path, greedy):
