@@ -156,10 +156,10 @@ cdef class Context:
                  n_seq_max=1, flash_attn=None, _pooling=None):
         model._check()
         _check_int(n_ctx, "n_ctx", 0, 1 << 24)
-        if n_ctx == 0 and llama_model_n_ctx_train(model.ptr) > 1 << 24:
+        if n_ctx == 0 and not 0 < model.n_ctx_train <= 1 << 24:
             raise ContextCreateError(
-                f"n_ctx=0 takes the model's training context, {llama_model_n_ctx_train(model.ptr)} tokens, "
-                f"beyond the {1 << 24} a Context can hold; pass a smaller n_ctx"
+                f"n_ctx=0 takes the model's training context, {model.n_ctx_train} tokens, "
+                f"outside the 1..{1 << 24} a Context can hold; pass n_ctx"
             )
         _check_int(n_batch, "n_batch", 1, 1 << 20)
         _check_int(n_threads, "n_threads", 0, 1024)

@@ -187,7 +187,7 @@ cdef class Engine:
         model._check()
         _check_int(n_parallel, "n_parallel", 1, llama_max_parallel_sequences())
         if n_ctx is None:
-            n_ctx = n_parallel * min(2048, llama_model_n_ctx_train(model.ptr))
+            n_ctx = n_parallel * min(2048, max(8, model.n_ctx_train))
         _check_int(n_ctx, "n_ctx", n_parallel * 8, 1 << 24)
         _check_int(n_batch, "n_batch", max(n_parallel, 8), 1 << 16)
         self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_seq_max=n_parallel)

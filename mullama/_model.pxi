@@ -243,7 +243,7 @@ cdef class Model:
     def n_ctx_train(self):
         """The context length the model was trained with."""
         self._check()
-        return llama_model_n_ctx_train(self.ptr)
+        return <uint32_t> llama_model_n_ctx_train(self.ptr)   # a uint32 in GGUF and in llama.cpp
 
     @property
     def n_embd(self):

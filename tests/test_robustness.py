@@ -167,7 +167,8 @@ def test_what_the_gguf_fuzz_run_found_is_refused(tmp_path, which, smollm_path, m
     if arch == "bert":
         cases += [("bert.pooling_type", 5), ("bert.pooling_type", 2**32 - 1)]
     else:
-        cases += [("llama.context_length", 1_048_877_345)]
+        cases += [("llama.context_length", 1_048_877_345), ("llama.context_length", 3_618_545_464),
+                  ("llama.context_length", 0)]
     cases.append((eps, 0.0))
     proc = subprocess.run([sys.executable, "-c", FUZZ_FINDINGS, str(src), str(tmp_path / "m.gguf"),
                            str(Path(__file__).parent), __import__("json").dumps(cases)],
