@@ -152,7 +152,7 @@ cdef class Model:
             if not vocab_only and isinstance(arch, str):
                 bad += _hparams.problems(kv, arch)
             if bad:
-                raise InvalidModelError(f"{fspath!r} has hyperparameters llama.cpp cannot use: {'; '.join(bad)}")
+                raise InvalidModelError(f"{fspath!r} has metadata llama.cpp would abort on: {'; '.join(bad)}")
         if use_mmap and not vocab_only and llama_supports_mmap():
             try:
                 guard_fd = os.open(fspath, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -191,9 +191,9 @@ cdef class Model:
             self.vocab = NULL
             self._close_guard()
 
-    cdef void _close_guard(self):
+    cdef void _close_guard(self) noexcept:
         if self.guard.fd >= 0:
-            os.close(self.guard.fd)
+            close(self.guard.fd)
             self.guard.fd = -1
 
     cdef void _acquire(self):
@@ -207,9 +207,7 @@ cdef class Model:
         if self.ptr != NULL:
             llama_model_free(self.ptr)
             self.ptr = NULL
-        if self.guard.fd >= 0:
-            close(self.guard.fd)
-            self.guard.fd = -1
+        self._close_guard()
 
     def __enter__(self):
         return self
