@@ -80,7 +80,6 @@ cdef int _gen_step(Gen * g) noexcept nogil:
     cdef llama_token tok
     cdef int rc, n
     cdef char buf[256]
-    cdef float * logits
     if _poll_interrupt(g.interrupt):
         return STEP_ABORTED
     if g.n_generated >= g.max_tokens:
@@ -98,14 +97,9 @@ cdef int _gen_step(Gen * g) noexcept nogil:
             g.error = rc
             return rc if rc != STEP_DONE else -1000
         g.pending = -1
-    logits = llama_get_logits_ith(g.ctx, -1)
-    if llama_get_memory(g.ctx) == NULL or not mullama_logits_fresh(logits):
-        # No memory: an encoder-only model, whose llama_decode runs the encoder and computes
-        # no logits. A stale stamp: some other model that computed none.
+    if not _sample(g.smpl, g.ctx, -1, &tok):
         g.error = STEP_NO_LOGITS
         return STEP_NO_LOGITS
-    tok = llama_sampler_sample(g.smpl, g.ctx, -1)
-    mullama_logits_used(logits)
     if llama_vocab_is_eog(g.vocab, tok):
         g.finish = FINISH_STOP
         return STEP_DONE

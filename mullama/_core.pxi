@@ -67,6 +67,18 @@ cdef inline int _decode(llama_context * ctx, llama_batch * batch, const mullama_
     return rc
 
 
+cdef inline bint _sample(llama_sampler * smpl, llama_context * ctx, int idx, llama_token * tok) noexcept nogil:
+    """Sample from output row idx into *tok; False if the last decode computed no logits there.
+    No memory means an encoder-only model (its llama_decode runs the encoder, no logits); a
+    stamp still on the row (mullama_logits_used) means some other model that computed none."""
+    cdef float * row = llama_get_logits_ith(ctx, idx)
+    if llama_get_memory(ctx) == NULL or not mullama_logits_fresh(row):
+        return False
+    tok[0] = llama_sampler_sample(smpl, ctx, idx)
+    mullama_logits_used(row)
+    return True
+
+
 from cpython.exc cimport PyErr_CheckSignals
 
 

@@ -58,7 +58,6 @@ cdef int _engine_step(llama_context * ctx, const llama_vocab * vocab, llama_batc
     cdef ESlot * s
     cdef llama_token tok
     cdef char buf[256]
-    cdef float * logits
     for i in range(n_slots):
         s = &slots[i]
         s.batch_idx = -1
@@ -126,13 +125,10 @@ cdef int _engine_step(llama_context * ctx, const llama_vocab * vocab, llama_batc
             s.finish = FINISH_LENGTH
             s.state = SLOT_DONE
             continue
-        logits = llama_get_logits_ith(ctx, s.batch_idx)
-        if not mullama_logits_fresh(logits):
+        if not _sample(s.smpl, ctx, s.batch_idx, &tok):
             s.finish = FINISH_NO_LOGITS
             s.state = SLOT_DONE
             continue
-        tok = llama_sampler_sample(s.smpl, ctx, s.batch_idx)
-        mullama_logits_used(logits)
         if llama_vocab_is_eog(vocab, tok):
             s.finish = FINISH_STOP
             s.state = SLOT_DONE

@@ -155,7 +155,7 @@ cdef class Model:
                 raise InvalidModelError(f"{fspath!r} has metadata llama.cpp would abort on: {'; '.join(bad)}")
         if use_mmap and not vocab_only and llama_supports_mmap():
             try:
-                guard_fd = os.open(fspath, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                guard_fd = os.open(fspath, os.O_RDONLY)   # not inherited by children (PEP 446)
             except OSError as exc:
                 raise ModelLoadError(f"cannot read model file {fspath!r}: {exc.strerror}") from exc
         mark = _log_mark()

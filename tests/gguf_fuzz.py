@@ -15,6 +15,7 @@ The test suite runs a few dozen cases (tests/test_robustness.py); longer runs ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -155,6 +156,23 @@ def make_case(data: bytes, fields: list[Field], header_end: int, rnd: random.Ran
     return {"what": f"{f.kind} of {f.name!r}: {old!r} -> {shown!r}", "patch": [(f.offset, new.hex())], "cut": None}
 
 
+@contextlib.contextmanager
+def patched(path: str, data: bytes, patch: list[tuple[int, bytes]]):
+    """Write each (offset, bytes) of patch into path, a copy of data, for the with-block; then
+    put data's bytes back, so one copy of a large model serves every case."""
+    with open(path, "r+b") as f:
+        for off, new in patch:
+            f.seek(off)
+            f.write(new)
+    try:
+        yield path
+    finally:
+        with open(path, "r+b") as f:
+            for off, new in patch:
+                f.seek(off)
+                f.write(data[off:off + len(new)])
+
+
 # -- the worker: runs cases in one interpreter, prints a line per case --------------------------
 
 def worker(models: list[str], seed: int, start: int, count: int, workdir: str) -> None:
@@ -174,28 +192,19 @@ def worker(models: list[str], seed: int, start: int, count: int, workdir: str) -
         fields, header_end = parsed[model_path]
         case = make_case(data, fields, header_end, random.Random(seed * 1_000_003 + i))
         print(f"case {i} {json.dumps(case['what'])}", flush=True)
-        path = copies[model_path]
         if case["cut"] is not None:
             with open(cut_path, "wb") as f:
                 f.write(data[:case["cut"]])
-            path = cut_path
+            mutated = contextlib.nullcontext(cut_path)
         else:
-            with open(path, "r+b") as f:
-                for off, hx in case["patch"]:
-                    f.seek(off)
-                    f.write(bytes.fromhex(hx))
-        try:
-            outcome = _exercise(mullama, path, greedy, n_ctx=0 if i % 8 in (2, 3) else 64)
-        except mullama.MullamaError as exc:
-            outcome = "refused " + type(exc).__name__
-        except Exception as exc:   # not a mullama error: a finding
-            outcome = f"OTHER {type(exc).__name__}: {str(exc)[:200]}"
-        finally:
-            if case["cut"] is None:
-                with open(copies[model_path], "r+b") as f:
-                    for off, hx in case["patch"]:
-                        f.seek(off)
-                        f.write(data[off:off + len(bytes.fromhex(hx))])
+            mutated = patched(copies[model_path], data, [(off, bytes.fromhex(hx)) for off, hx in case["patch"]])
+        with mutated as path:
+            try:
+                outcome = _exercise(mullama, path, greedy, n_ctx=0 if i % 8 in (2, 3) else 64)
+            except mullama.MullamaError as exc:
+                outcome = "refused " + type(exc).__name__
+            except Exception as exc:   # not a mullama error: a finding
+                outcome = f"OTHER {type(exc).__name__}: {str(exc)[:200]}"
         print(f"done {i} {outcome}", flush=True)
 
 

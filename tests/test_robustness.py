@@ -116,7 +116,7 @@ FUZZ_FINDINGS = textwrap.dedent("""
     import json, shutil, struct, sys
     import mullama
     sys.path.insert(0, sys.argv[3])
-    from gguf_fuzz import parse
+    from gguf_fuzz import parse, patched
     src, work = sys.argv[1:3]
     data = open(src, "rb").read()
     fields, _ = parse(data)
@@ -133,23 +133,17 @@ FUZZ_FINDINGS = textwrap.dedent("""
         return f.offset, struct.pack(f.fmt, float(value) if f.fmt == "<f" else value)
 
     for key, value in json.loads(sys.argv[4]):
-        off, new = patch_for(key, value)
-        with open(work, "r+b") as out:
-            out.seek(off)
-            out.write(new)
-        try:
-            mullama.Model.load(work, vocab_only=True).close()
-            with mullama.Model.load(work) as m:
-                if key.startswith("bert."):
-                    mullama.EmbeddingGenerator(m, n_ctx=64).embed("Hello")
-                else:
-                    mullama.Context(m).generate("Hello", 1)   # n_ctx=0: the training context
-            print("ok", key, flush=True)
-        except mullama.MullamaError as exc:
-            print(type(exc).__name__, key, "|", exc, flush=True)
-        with open(work, "r+b") as out:
-            out.seek(off)
-            out.write(data[off:off + len(new)])
+        with patched(work, data, [patch_for(key, value)]):
+            try:
+                mullama.Model.load(work, vocab_only=True).close()
+                with mullama.Model.load(work) as m:
+                    if key.startswith("bert."):
+                        mullama.EmbeddingGenerator(m, n_ctx=64).embed("Hello")
+                    else:
+                        mullama.Context(m).generate("Hello", 1)   # n_ctx=0: the training context
+                print("ok", key, flush=True)
+            except mullama.MullamaError as exc:
+                print(type(exc).__name__, key, "|", exc, flush=True)
 """)
 
 
