@@ -10,6 +10,7 @@ from ._errors import (
     ChatTemplateError,
     ClosedError,
     ContextBusyError,
+    WrongEventLoopError,
     ContextCreateError,
     ContextOverflowError,
     DecodeError,
@@ -18,6 +19,7 @@ from ._errors import (
     InvalidArgumentError,
     InvalidModelError,
     ModelFileChangedError,
+    ModelIntegrityError,
     ModelLoadError,
     ModelNotFoundError,
     MullamaError,
@@ -43,21 +45,47 @@ __version__ = "0.1.0"
 
 
 def cosine_similarity(a, b) -> float:
-    """Cosine similarity of two vectors; ValueError if their lengths differ.
+    """Cosine similarity of two 1-D vectors of finite numbers, in [-1.0, 1.0].
+
+    InvalidArgumentError (a ValueError) names ``a`` or ``b`` when it is not such a vector, and
+    says so when their lengths differ. A zero vector gives 0.0.
 
     >>> cosine_similarity([1.0, 0.0], [1.0, 0.0])
     1.0
     """
+    import math
+
     import numpy as np
 
-    x = np.asarray(a, dtype=np.float64).ravel()
-    y = np.asarray(b, dtype=np.float64).ravel()
+    def vector(v, name: str):
+        try:
+            x = np.asarray(v)
+        except (TypeError, ValueError):   # ragged nested sequences
+            x = None
+        if v is None or x is None or x.dtype.kind not in "iuf":
+            raise InvalidArgumentError(
+                f"{name} must be a 1-D list, tuple or array of numbers, got {v!r:.80}"
+            )
+        if x.ndim != 1:
+            raise InvalidArgumentError(f"{name} must be 1-D, got shape {x.shape}; pass one vector, not a batch")
+        if x.size == 0:
+            raise InvalidArgumentError(f"{name} is empty; pass a vector with at least one element")
+        x = x.astype(np.float64)
+        if not np.isfinite(x).all():
+            raise InvalidArgumentError(f"{name} contains NaN or infinity; pass finite values")
+        return x
+
+    x, y = vector(a, "a"), vector(b, "b")
     if x.shape != y.shape:
-        raise InvalidArgumentError(f"vectors have different lengths ({x.size} and {y.size})")
-    if x.size == 0:
-        raise InvalidArgumentError("vectors are empty")
-    denom = float(np.linalg.norm(x) * np.linalg.norm(y))
-    return 0.0 if denom == 0 else float(np.dot(x, y) / denom)
+        raise InvalidArgumentError(f"vectors a and b have different lengths ({x.size} and {y.size})")
+    sx, sy = float(np.abs(x).max()), float(np.abs(y).max())
+    if sx == 0.0 or sy == 0.0:
+        return 0.0
+    # Scaling by the max-abs keeps the squares from overflowing (1e200) or underflowing (1e-200).
+    x, y = x / sx, y / sy
+    # sqrt(s * s) == s exactly in IEEE arithmetic, so cosine_similarity(v, v) is exactly 1.0.
+    cos = float(np.dot(x, y)) / math.sqrt(float(np.dot(x, x)) * float(np.dot(y, y)))
+    return min(1.0, max(-1.0, cos))
 
 
 __all__ = [
@@ -83,6 +111,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "InvalidModelError",
+    "ModelIntegrityError",
     "ContextCreateError",
     "InvalidArgumentError",
     "ContextOverflowError",
@@ -90,6 +119,7 @@ __all__ = [
     "EmbeddingsDisabledError",
     "ClosedError",
     "ContextBusyError",
+    "WrongEventLoopError",
     "ChatTemplateError",
     "GenerationCancelled",
     "ModelFileChangedError",

@@ -7,6 +7,8 @@ import collections
 import threading
 from collections.abc import Callable
 
+from ._errors import ContextBusyError
+
 
 class EngineRequest:
     """One generation served by an Engine. The engine thread produces; one consumer takes."""
@@ -91,11 +93,16 @@ class EngineRequest:
 
 
 class EngineStream:
-    """Text pieces of one engine request, for a thread: an iterator and a context manager."""
+    """Text pieces of one engine request, for a thread: an iterator and a context manager.
+
+    One thread iterates it at a time (a second concurrent ``next()`` raises ContextBusyError);
+    ``close()`` may come from any thread and returns once the engine has let the request go.
+    """
 
     def __init__(self, request: EngineRequest, owner: object = None) -> None:
         self._request = request
         self._owner = owner   # the Engine: a stream keeps it alive
+        self._running = threading.Lock()
 
     @property
     def finish_reason(self) -> str | None:
@@ -110,15 +117,26 @@ class EngineStream:
         return self
 
     def __next__(self) -> str:
-        piece = self._request.next_blocking()
+        if not self._running.acquire(blocking=False):
+            raise ContextBusyError("this stream is already being iterated by another thread; "
+                                   "a stream has one consumer at a time")
+        try:
+            piece = self._request.next_blocking()
+        finally:
+            self._running.release()
         if piece is None:
             raise StopIteration
         return piece
 
     def close(self) -> None:
-        """Stop this request (its slot is freed at the engine's next step)."""
-        if not self._request.finished:
-            self._request.cancel()
+        """Stop this request and wait until the engine has freed its slot (at its next step)."""
+        req = self._request
+        if req.finished:
+            return
+        req.cancel()
+        with req.cond:
+            while not req.finished:
+                req.cond.wait()
 
     def __enter__(self) -> EngineStream:
         return self
@@ -127,4 +145,6 @@ class EngineStream:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        # No waiting here: this may run in any thread, the engine's own included.
+        if not self._request.finished:
+            self._request.cancel()

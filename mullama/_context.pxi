@@ -10,12 +10,13 @@ cdef enum Finish:
 
 _FINISH_NAMES = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_CONTEXT: "context"}
 
-# gen_step results besides decode's own codes
-cdef enum:
-    STEP_TOKEN = 0
-    STEP_DONE = 1
-    STEP_ABORTED = 2
-    STEP_NO_LOGITS = -100
+# What one _gen_step did. Numbered apart from llama_decode's results, which travel in Gen.error.
+cdef enum Step:
+    STEP_TOKEN = 1000     # a token was generated
+    STEP_DONE = 1001      # the generation ended; Gen.finish says why
+    STEP_ABORTED = 1002   # cancel() or a signal stopped it
+    STEP_NO_LOGITS = 1003 # the model computed no logits to sample from
+    STEP_FAILED = 1004    # llama_decode failed with Gen.error
 
 
 cdef struct Gen:
@@ -75,11 +76,10 @@ cdef int _decode_prompt(Gen * g, const llama_token * toks, int n, int n_batch, b
     return 0
 
 
-cdef int _gen_step(Gen * g) noexcept nogil:
+cdef Step _gen_step(Gen * g) noexcept nogil:
     """One token: decode the pending token, sample the next, append its text to g.out."""
     cdef llama_token tok
-    cdef int rc, n
-    cdef char buf[256]
+    cdef int rc
     if _poll_interrupt(g.interrupt):
         return STEP_ABORTED
     if g.n_generated >= g.max_tokens:
@@ -91,26 +91,24 @@ cdef int _gen_step(Gen * g) noexcept nogil:
             return STEP_DONE
         tok = g.pending
         rc = _decode_chunk(g.ctx, g.batch, g.hist, &tok, 1, True, False, g.guard)
-        if rc == 2:
+        if rc == RC_DECODE_ABORTED:
             return STEP_ABORTED
         if rc != 0:
             g.error = rc
-            return rc if rc != STEP_DONE else -1000
+            return STEP_FAILED
         g.pending = -1
     if not _sample(g.smpl, g.ctx, -1, &tok):
-        g.error = STEP_NO_LOGITS
         return STEP_NO_LOGITS
     if llama_vocab_is_eog(g.vocab, tok):
         g.finish = FINISH_STOP
         return STEP_DONE
-    n = llama_token_to_piece(g.vocab, tok, buf, sizeof(buf), 0, False)
-    if n > 0:
-        g.out.append(buf, n)
+    _append_piece(g.vocab, tok, g.out)
     g.pending = tok
     g.n_generated += 1
     return STEP_TOKEN
 
 
+@cython.no_gc_clear   # __dealloc__ releases the model: the cycle collector must not clear it first
 cdef class Context:
     """A llama.cpp context: a KV cache of ``n_ctx`` tokens over a :class:`Model`.
 
@@ -137,6 +135,8 @@ cdef class Context:
     cdef Interrupt interrupt
     cdef object _lock                # one call (or open stream) at a time
     cdef object _owner               # the thread whose stream holds _lock
+    cdef long long _calls            # generations started so far (each takes the next number)
+    cdef long long _cancel_upto      # cancel() covers the generations numbered up to this
     cdef readonly int last_reused_tokens
     cdef readonly int last_evaluated_tokens
     cdef readonly object last_finish_reason
@@ -149,6 +149,11 @@ cdef class Context:
     def __init__(self, Model model not None, *, n_ctx=0, n_batch=2048, n_threads=0, embeddings=False,
                  n_seq_max=1, flash_attn=None, _pooling=None):
         model._check()
+        if model._vocab_only:
+            raise InvalidArgumentError(
+                f"model {model.path!r} was loaded with vocab_only=True: it has no weights to compute "
+                "with, so it cannot have a Context; load it again without vocab_only"
+            )
         _check_int(n_ctx, "n_ctx", 0, 1 << 24)
         if n_ctx == 0 and not 0 < model.n_ctx_train <= 1 << 24:
             raise ContextCreateError(
@@ -180,7 +185,7 @@ cdef class Context:
             p.pooling_type = <llama_pooling_type> <int> _pooling
         p.abort_callback = _abort_callback
         p.abort_callback_data = &self.interrupt
-        _arm_interrupt(&self.interrupt)
+        _arm_interrupt(&self.interrupt, False)
         mark = _log_mark()
         cdef llama_context * ptr
         with nogil:
@@ -207,6 +212,8 @@ cdef class Context:
         self.batch_ready = True
         self._lock = threading.Lock()
         self._owner = None
+        self._calls = 0
+        self._cancel_upto = 0
         self.last_reused_tokens = 0
         self.last_evaluated_tokens = 0
         self.total_evaluated_tokens = 0
@@ -290,9 +297,22 @@ cdef class Context:
         return self._lock.locked()
 
     def cancel(self):
-        """Stop the generation running on this context (from any thread) within one token."""
+        """Stop the generation running on this context (from any thread) within one token.
+
+        It covers every generation already started: the one running, an open stream between
+        two pieces, and calls still waiting for the context; later calls are not affected."""
         if self.ptr != NULL:
+            self._cancel_upto = self._calls
             mullama_atomic_store(&self.interrupt.cancel, 1)
+
+    cdef long long _ticket(self):
+        """Number a generation as it starts, so that a cancel() from then on covers it."""
+        self._calls += 1
+        return self._calls
+
+    cdef void _arm_for_thread(self):
+        """Ready signal polling for a native loop in the calling thread."""
+        _arm_signals(&self.interrupt)
 
     cdef int _check(self) except -1:
         if self.ptr == NULL:
@@ -301,7 +321,7 @@ cdef class Context:
 
     # -- locking -----------------------------------------------------------------------------
 
-    cdef int _enter(self) except -1:
+    cdef int _enter(self, long long ticket) except -1:
         self._check()
         if self._owner is threading.current_thread():
             raise ContextBusyError(
@@ -312,7 +332,7 @@ cdef class Context:
         if self.ptr == NULL:
             self._lock.release()
             raise ClosedError("this Context was closed while waiting for it")
-        _arm_interrupt(&self.interrupt)
+        _arm_interrupt(&self.interrupt, ticket <= self._cancel_upto)
         return 0
 
     cdef void _leave(self):
@@ -324,13 +344,7 @@ cdef class Context:
     cdef int _prepare(self, vector[llama_token] & toks) except -1:
         """Keep the cached prefix shared with toks, drop the rest, decode what is new."""
         cdef int n = <int> toks.size()
-        if n == 0:
-            raise InvalidArgumentError("prompt is empty; give at least one token of text")
-        if n > self._n_ctx:
-            raise ContextOverflowError(
-                f"prompt is {n} tokens but the context holds {self._n_ctx}; "
-                "use a larger n_ctx or a shorter prompt"
-            )
+        self._check_fits(n)
         cdef int keep = 0
         cdef int limit = min(<int> self.hist.size(), n - 1)   # the last token is decoded for its logits
         while keep < limit and self.hist[keep] == toks[keep]:
@@ -347,12 +361,22 @@ cdef class Context:
         self.last_reused_tokens = keep
         self.last_evaluated_tokens = <int> self.hist.size() - keep
         self.total_evaluated_tokens += self.last_evaluated_tokens
-        if rc == 2:
+        if rc == RC_DECODE_ABORTED:
             self.last_finish_reason = "cancelled"
             _raise_interrupt(&self.interrupt)
             raise GenerationCancelled("prompt processing was aborted")
         if rc != 0:
             raise decode_error(rc, f"decoding a prompt of {n} tokens")
+        return 0
+
+    cdef int _check_fits(self, size_t n) except -1:
+        if n == 0:
+            raise InvalidArgumentError("prompt is empty; give at least one token of text")
+        if n > <size_t> self._n_ctx:
+            raise ContextOverflowError(
+                f"prompt is {n} tokens but the context holds {self._n_ctx}; "
+                "use a larger n_ctx or a shorter prompt"
+            )
         return 0
 
     cdef void _init_gen(self, Gen * g, llama_sampler * smpl, int max_tokens):
@@ -391,24 +415,26 @@ cdef class Context:
         is full (see ``last_finish_reason``). The whole loop runs without the GIL.
         """
         cdef vector[llama_token] toks
+        cdef long long ticket = self._ticket()
         self._check()
         self._prompt_tokens(prompt, toks)
-        return self._generate(toks, max_tokens, params)
+        return self._generate(toks, max_tokens, params, ticket)
 
     def generate_from_tokens(self, tokens, max_tokens=100, params=None):
         """Like :meth:`generate`, from token ids (checked against the vocabulary)."""
         cdef vector[llama_token] toks
+        cdef long long ticket = self._ticket()
         self._check()
         self.model._tokens_to_vector(tokens, toks)
-        return self._generate(toks, max_tokens, params)
+        return self._generate(toks, max_tokens, params, ticket)
 
-    cdef str _generate(self, vector[llama_token] & toks, object max_tokens, object params):
+    cdef str _generate(self, vector[llama_token] & toks, object max_tokens, object params, long long ticket):
         _check_int(max_tokens, "max_tokens", 0, 1 << 30)
-        cdef llama_sampler * smpl = _make_sampler(params, self.model._n_vocab)
+        cdef llama_sampler * smpl = _make_sampler(params, self.model._n_vocab, self._n_ctx)
         cdef string out
         cdef Gen g
-        cdef int rc = 0
-        self._enter()
+        cdef Step rc = STEP_TOKEN
+        self._enter(ticket)
         try:
             self._prepare(toks)
             self._init_gen(&g, smpl, max_tokens)
@@ -424,7 +450,7 @@ cdef class Context:
             llama_sampler_free(smpl)
             self._leave()
 
-    cdef int _finish_gen(self, Gen * g, int rc) except -1:
+    cdef int _finish_gen(self, Gen * g, Step rc) except -1:
         self.last_finish_reason = _FINISH_NAMES.get(g.finish)
         if rc == STEP_ABORTED:
             self.last_finish_reason = "cancelled"
@@ -432,7 +458,7 @@ cdef class Context:
             raise GenerationCancelled("generation was aborted")
         if rc == STEP_NO_LOGITS:
             raise self.model._no_logits_error()
-        if rc < 0 or (rc != STEP_DONE and rc != STEP_TOKEN):
+        if rc == STEP_FAILED:
             raise decode_error(g.error, "decoding a generated token")
         return 0
 
@@ -447,22 +473,24 @@ cdef class Context:
         ...         print(piece, end="")
         """
         cdef vector[llama_token] toks
+        cdef long long ticket = self._ticket()
         self._check()
         self._prompt_tokens(prompt, toks)
         _check_int(max_tokens, "max_tokens", 0, 1 << 30)
-        return TokenStream._start(self, toks, max_tokens, params)
+        return TokenStream._start(self, toks, max_tokens, params, ticket)
 
     def generate_stream_from_tokens(self, tokens, max_tokens=100, params=None):
         """Like :meth:`generate_stream`, from token ids."""
         cdef vector[llama_token] toks
+        cdef long long ticket = self._ticket()
         self._check()
         self.model._tokens_to_vector(tokens, toks)
         _check_int(max_tokens, "max_tokens", 0, 1 << 30)
-        return TokenStream._start(self, toks, max_tokens, params)
+        return TokenStream._start(self, toks, max_tokens, params, ticket)
 
     def clear_cache(self):
         """Forget everything the context holds; the next prompt is decoded from scratch."""
-        self._enter()
+        self._enter(self._ticket())
         try:
             llama_memory_clear(llama_get_memory(self.ptr), True)
             self.hist.clear()
@@ -481,7 +509,7 @@ cdef class Context:
                 "Context(model, embeddings=True) or use EmbeddingGenerator"
             )
         cdef const float * e
-        self._enter()
+        self._enter(self._ticket())
         try:
             if self.hist.size() == 0:
                 raise InvalidArgumentError("nothing has been decoded yet; call generate(prompt, max_tokens=0) first")
@@ -497,61 +525,82 @@ cdef class Context:
             self._leave()
 
 
+@cython.no_gc_clear   # __dealloc__ hands the context back: its ctx must still be there
 cdef class TokenStream:
-    """Text pieces of one generation, produced lazily. Returned by ``Context.generate_stream``."""
+    """Text pieces of one generation, produced lazily. Returned by ``Context.generate_stream``.
+
+    One thread iterates it at a time (a second concurrent ``next()`` raises ContextBusyError,
+    as a generator raises "already executing"); ``close()`` and ``cancel()`` may come from any
+    thread.
+    """
 
     cdef Context ctx                 # keeps the context (and its model) alive
     cdef llama_sampler * smpl
     cdef Gen g
     cdef string out
     cdef vector[llama_token] prompt
+    cdef long long ticket            # the context's number for this generation
     cdef bint started
     cdef bint done
     cdef bint cancel_requested
+    cdef bint closing
+    cdef object _running             # held by the thread inside next()
+    cdef long _runner                # that thread's ident, 0 when none
     cdef readonly object finish_reason
 
     def __cinit__(self):
         self.smpl = NULL
         self.done = True
+        self._runner = 0
 
     @staticmethod
-    cdef TokenStream _start(Context ctx, vector[llama_token] & toks, int max_tokens, object params):
+    cdef TokenStream _start(Context ctx, vector[llama_token] & toks, int max_tokens, object params,
+                            long long ticket):
+        ctx._check_fits(toks.size())   # bad prompts raise here, not at the first next()
         cdef TokenStream s = TokenStream.__new__(TokenStream)
-        s.smpl = _make_sampler(params, ctx.model._n_vocab)
+        s._running = threading.Lock()
+        s.smpl = _make_sampler(params, ctx.model._n_vocab, ctx._n_ctx)
         s.ctx = ctx
         s.prompt = toks
+        s.ticket = ticket
         s.started = False
-        s.done = False
         s.cancel_requested = False
+        s.closing = False
         ctx._init_gen(&s.g, s.smpl, max_tokens)
         s.g.out = &s.out
+        s.done = False
         return s
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        cdef int rc = STEP_TOKEN
-        cdef size_t n
         if self.done:
             raise StopIteration
+        if not self._running.acquire(False):
+            if self.closing:
+                raise StopIteration
+            raise ContextBusyError(
+                "this stream is already being iterated by another thread; "
+                "a stream has one consumer at a time"
+            )
+        self._runner = threading.get_ident()
+        try:
+            if self.done:
+                raise StopIteration
+            return self._next_piece()
+        finally:
+            self._runner = 0
+            self._running.release()
+
+    cdef str _next_piece(self):
+        cdef Step rc = STEP_TOKEN
+        cdef size_t n
         if not self.started:
-            # Claim the context at the first next(), not at creation: an unused stream holds nothing.
-            self.ctx._enter()
-            self.ctx._owner = threading.current_thread()
-            self.started = True
-            if self.cancel_requested:  # cancel() came before the context was ours
-                mullama_atomic_store(&self.ctx.interrupt.cancel, 1)
-            try:
-                self.ctx._prepare(self.prompt)
-            except BaseException:
-                self._end()
-                raise
-            self.g.interrupt = &self.ctx.interrupt
+            self._begin()
         else:
-            _arm_interrupt(&self.ctx.interrupt)
-            if self.cancel_requested:
-                mullama_atomic_store(&self.ctx.interrupt.cancel, 1)
+            self.ctx._owner = threading.current_thread()
+            self.ctx._arm_for_thread()
         with nogil:
             while True:
                 rc = _gen_step(&self.g)
@@ -564,8 +613,39 @@ cdef class TokenStream:
             piece = self.out.substr(0, n).decode("utf-8", "replace")
             self.out.erase(0, n)
             return piece
+        return self._last_piece(rc)
+
+    cdef int _begin(self) except -1:
+        """Claim the context at the first next(), not at creation: an unused stream holds nothing."""
+        self.ctx._enter(self.ticket)
+        self.ctx._owner = threading.current_thread()
+        self.started = True
+        if self.cancel_requested:  # cancel() came before the context was ours
+            mullama_atomic_store(&self.ctx.interrupt.cancel, 1)
+        try:
+            self.ctx._prepare(self.prompt)
+        except GenerationCancelled:
+            self.finish_reason = "cancelled"
+            self._end()
+            if self.closing:
+                raise StopIteration
+            raise
+        except BaseException:
+            self._end()
+            raise
+        self.g.interrupt = &self.ctx.interrupt
+        return 0
+
+    cdef str _last_piece(self, Step rc):
+        """The end of the loop: the text still held back, or StopIteration, or the error."""
         try:
             self.ctx._finish_gen(&self.g, rc)
+        except GenerationCancelled:
+            self.finish_reason = "cancelled"
+            self._end()
+            if self.closing:       # close() from another thread: end quietly
+                raise StopIteration
+            raise
         except BaseException:
             self._end()
             raise
@@ -588,23 +668,37 @@ cdef class TokenStream:
             self.ctx._leave()
 
     def close(self):
-        """Stop the generation and release the context (idempotent)."""
-        self._end()
+        """Stop the generation and release the context (idempotent). From another thread it
+        asks the iterating thread to stop and returns once that thread has let go."""
+        if self.done:
+            return
+        self.closing = True
+        if self._runner == threading.get_ident():
+            # Called inside our own next() (a signal handler): that next() ends the stream.
+            self.cancel()
+            return
+        self.cancel()
+        with self._running:        # waits (without the GIL) for a next() in another thread
+            self._end()
 
     def cancel(self):
         """Make the native loop stop within one token, from any thread; the iterator then
         raises GenerationCancelled. Also stops the prompt of a stream still reading it."""
+        if self.done:
+            return
         self.cancel_requested = True
-        if self.started and not self.done:
+        if self.started:
             mullama_atomic_store(&self.ctx.interrupt.cancel, 1)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self._end()
+        self.close()
 
     def __dealloc__(self):
+        # Nothing can be iterating: that thread would hold a reference. ctx is still set
+        # (no_gc_clear), so a stream collected open hands its context back cleanly.
         if self.smpl != NULL:
             llama_sampler_free(self.smpl)
             self.smpl = NULL

@@ -1,5 +1,6 @@
 # Logging, error mapping, interrupt polling and small helpers shared by the native classes.
 
+cimport cython
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.stdint cimport int32_t, int64_t, uint32_t
 from libc.stdlib cimport malloc, free
@@ -49,9 +50,12 @@ cdef extern from "_support.h" nogil:
     int mullama_logits_fresh(const float * row)
     void mullama_logits_used(float * row)
     void mullama_set_decode_aborted(int v)
+    int mullama_set_thread_slice(uint64_t ns)
 
 
 cdef enum:
+    # llama_decode's result for a decode its abort callback stopped (llama.h).
+    RC_DECODE_ABORTED = 2
     # Not a llama_decode result: the mapped model file changed (see mullama_file_changed).
     # _errors.decode_error knows it as MODEL_FILE_CHANGED.
     RC_MODEL_FILE_CHANGED = -300
@@ -77,6 +81,21 @@ cdef inline bint _sample(llama_sampler * smpl, llama_context * ctx, int idx, lla
     tok[0] = llama_sampler_sample(smpl, ctx, idx)
     mullama_logits_used(row)
     return True
+
+
+cdef bint _append_piece(const llama_vocab * vocab, llama_token tok, string * out) noexcept nogil:
+    """Append the text of tok to *out, however long it is; False if llama.cpp gives none."""
+    cdef char buf[256]
+    cdef int n = llama_token_to_piece(vocab, tok, buf, sizeof(buf), 0, False)
+    cdef size_t old
+    if n >= 0:
+        out.append(buf, n)
+        return True
+    old = out.size()                      # -n is the size the piece needs
+    out.resize(old - n)
+    n = llama_token_to_piece(vocab, tok, <char *> out.data() + old, -n, 0, False)
+    out.resize(old + (n if n > 0 else 0))
+    return n > 0
 
 
 from cpython.exc cimport PyErr_CheckSignals
@@ -196,12 +215,20 @@ cdef void _poll_signals(Interrupt * it) noexcept:
         it.interrupted = 1
 
 
-cdef inline void _arm_interrupt(Interrupt * it):
-    it.cancel = 0
+cdef inline void _arm_signals(Interrupt * it):
+    """Ready the signal polling for a native loop run by the calling thread. A cancel already
+    asked for stays: it belongs to the generation, not to one stretch of its loop."""
     it.interrupted = 0
     it.exc = NULL
     it.last_poll_us = 0
+    # PyErr_CheckSignals does nothing off the main thread: other threads never take the GIL for it.
     it.check_signals = threading.current_thread() is threading.main_thread()
+
+
+cdef inline void _arm_interrupt(Interrupt * it, bint cancelled):
+    """Ready the interrupt for a new generation: cancelled already if a cancel() covers it."""
+    mullama_atomic_store(&it.cancel, 1 if cancelled else 0)
+    _arm_signals(it)
 
 
 cdef int _raise_interrupt(Interrupt * it) except -1:
@@ -222,9 +249,11 @@ cdef int _raise_interrupt(Interrupt * it) except -1:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
-cdef bytes _utf8(str text, str what):
+cdef bytes _utf8(object text, str what):
+    """The UTF-8 bytes of a str or of a str subclass (numpy.str_, StrEnum: their own methods are
+    not asked)."""
     try:
-        return text.encode("utf-8")
+        return str.encode(text, "utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidArgumentError(
             f"{what} is not valid Unicode text ({exc.reason} at index {exc.start}); "
@@ -233,8 +262,10 @@ cdef bytes _utf8(str text, str what):
 
 
 cdef int _check_int(object value, str name, long lo, long hi) except? -1:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """value as a C int, if it is an integer (numpy's included, bool not) within [lo, hi]."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise InvalidArgumentError(f"{name} must be an int, got {value!r}")
+    value = value.__index__()
     if value < lo or value > hi:
         raise InvalidArgumentError(f"{name}={value!r} is out of range [{lo}, {hi}]")
     return value
@@ -245,6 +276,13 @@ cdef int _default_threads():
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def _yield_to_waking_threads():
+    """Let threads that wake up (an event loop's) preempt the native loop of the calling thread
+    at once, without lowering its share of the CPU: see mullama_set_thread_slice. For threads
+    mullama starts; it lasts as long as the thread."""
+    return mullama_set_thread_slice(20000000) == 0
 
 
 def backend_init():

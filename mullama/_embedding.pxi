@@ -61,6 +61,7 @@ cdef class EmbeddingGenerator:
         if isinstance(texts, (str, bytes)) or not hasattr(texts, "__iter__"):
             raise InvalidArgumentError("texts must be a list of str; for one text use embed()")
         cdef Context ctx = self.context
+        cdef long long ticket = ctx._ticket()
         ctx._check()
         cdef Model model = ctx.model
         cdef int limit = ctx._n_batch
@@ -90,7 +91,7 @@ cdef class EmbeddingGenerator:
         cdef vector[int] starts
         cdef vector[int] rows
         cdef int used, rc
-        ctx._enter()
+        ctx._enter(ticket)
         try:
             pos = 0
             while pos < len(order):
@@ -110,7 +111,7 @@ cdef class EmbeddingGenerator:
                 with nogil:
                     rc = _embed_batch(ctx.ptr, &ctx.batch, toks, starts, rows, &view[0, 0], self._n_embd,
                                       self.normalize, &ctx.model.guard)
-                if rc == 2:
+                if rc == RC_DECODE_ABORTED:
                     _raise_interrupt(&ctx.interrupt)
                     raise GenerationCancelled("embedding was aborted")
                 if rc == -200:

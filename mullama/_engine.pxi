@@ -11,6 +11,7 @@ from ._batching import EngineRequest, EngineStream
 def _engine_thread(engine_ref, kick, int nice):
     """The engine thread. It holds the Engine only while there is work, so an Engine that
     its user drops (without close()) is freed, and this thread ends with it."""
+    _yield_to_waking_threads()
     if nice > 0:
         # ggml's compute threads are created by this thread and inherit its priority.
         try:
@@ -54,10 +55,9 @@ cdef int _engine_step(llama_context * ctx, const llama_vocab * vocab, llama_batc
                       int * error, const mullama_file_guard * guard) noexcept nogil:
     """One decode for all running slots. Returns the batch size (0: nothing to do). A failed
     llama_decode leaves its result in *error and the slots in the batch unchanged."""
-    cdef int i, k, take, n = 0, rc, npiece
+    cdef int i, k, take, n = 0, rc
     cdef ESlot * s
     cdef llama_token tok
-    cdef char buf[256]
     for i in range(n_slots):
         s = &slots[i]
         s.batch_idx = -1
@@ -133,9 +133,7 @@ cdef int _engine_step(llama_context * ctx, const llama_vocab * vocab, llama_batc
             s.finish = FINISH_STOP
             s.state = SLOT_DONE
             continue
-        npiece = llama_token_to_piece(vocab, tok, buf, sizeof(buf), 0, False)
-        if npiece > 0:
-            outs[i].append(buf, npiece)
+        _append_piece(vocab, tok, &outs[i])
         s.pending = tok
         s.n_generated += 1
         s.sampled = True
@@ -143,6 +141,7 @@ cdef int _engine_step(llama_context * ctx, const llama_vocab * vocab, llama_batc
     return n
 
 
+@cython.no_gc_clear   # __dealloc__ wakes the engine thread through kick
 cdef class Engine:
     """Continuous batching: one model, many concurrent requests, one decode per step.
 
@@ -227,9 +226,12 @@ cdef class Engine:
 
     # -- submission (any thread) ---------------------------------------------------------------
 
-    def _submit(self, prompt, tokens, max_tokens, params, int capacity):
+    def _submit(self, prompt, tokens, max_tokens, params, capacity):
         if self.closing:
             raise ClosedError("this Engine is closed")
+        # buffer=0 would pause the request for good: its consumer waits for a piece that the
+        # engine never produces while the buffer is "full".
+        _check_int(capacity, "buffer", 1, 1 << 30)
         cdef vector[llama_token] toks
         if tokens is None:
             self.ctx._prompt_tokens(prompt, toks)
@@ -295,6 +297,7 @@ cdef class Engine:
         cdef const llama_vocab * vocab = self.ctx.model.vocab
         cdef llama_batch * batch = &self.ctx.batch
         cdef int n_batch = self.ctx._n_batch
+        self.ctx._arm_for_thread()   # this thread polls no signals: only the main thread gets them
         while not self.closing:
             self.kick.clear()   # before looking for work: a later set() wakes the thread's wait
             self._admit()
@@ -342,7 +345,7 @@ cdef class Engine:
                     break
                 req.finish("cancelled", GenerationCancelled("the request was cancelled"))
             try:
-                self.slots[i].smpl = _make_sampler(req.params, self.ctx.model._n_vocab)
+                self.slots[i].smpl = _make_sampler(req.params, self.ctx.model._n_vocab, self._n_ctx_seq)
             except BaseException as exc:
                 req.finish(None, exc)
                 continue
@@ -427,9 +430,14 @@ cdef class Engine:
 
     cdef void _fail_batch(self, int rc):
         cdef int i
+        if rc == RC_DECODE_ABORTED:
+            # Only close() aborts an engine decode: the requests end as the close says.
+            error = ClosedError("the Engine was closed")
         for i in range(self.n_slots):
             if self.requests[i] is not None and self.slots[i].step_take > 0:
-                self._free_slot(i, None, decode_error(rc, "decoding an engine batch"))
+                if rc != RC_DECODE_ABORTED:
+                    error = decode_error(rc, "decoding an engine batch")
+                self._free_slot(i, None, error)
 
     # -- lifetime --------------------------------------------------------------------------------
 
@@ -439,6 +447,7 @@ cdef class Engine:
             return
         with self.qlock:
             self.closing = True
+        self.ctx.cancel()   # a long prompt decode stops within one ggml node, not at its end
         self.kick.set()
         if self.thread is not threading.current_thread():
             self.thread.join()

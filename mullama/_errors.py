@@ -7,13 +7,16 @@ exception fits, the class derives from it too, so ``except FileNotFoundError`` k
      +-- ModelLoadError
      |    +-- ModelNotFoundError        (also FileNotFoundError)
      |    +-- InvalidModelError         (also ValueError): not GGUF, truncated, unsupported
+     |    +-- ModelIntegrityError       a downloaded file's sha256 is not the expected one
      +-- ContextCreateError             (also MemoryError): n_ctx/n_batch beyond what can be allocated
      +-- InvalidArgumentError           (also ValueError): bad parameters, empty prompt, bad token id
      |    +-- ContextOverflowError      a prompt or text longer than the context can hold
      +-- DecodeError                    llama_decode failed (no cache slot, backend failure)
      +-- EmbeddingsDisabledError        (also RuntimeError): embeddings on a context without them
      +-- ClosedError                    (also RuntimeError): the object was closed
-     +-- ContextBusyError               (also RuntimeError): a stream still owns the context
+     +-- ContextBusyError               (also RuntimeError): a stream still owns the context, or
+     |                                  another thread or task is already iterating the stream
+     +-- WrongEventLoopError            (also RuntimeError): an async object used from a second loop
      +-- ChatTemplateError              (also ValueError): no template, or it cannot be applied
      +-- GenerationCancelled            a generation was cancelled from another thread
      +-- ModelFileChangedError          (also RuntimeError): a mapped model file changed on disk
@@ -28,6 +31,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "InvalidModelError",
+    "ModelIntegrityError",
     "ContextCreateError",
     "InvalidArgumentError",
     "ContextOverflowError",
@@ -35,6 +39,7 @@ __all__ = [
     "EmbeddingsDisabledError",
     "ClosedError",
     "ContextBusyError",
+    "WrongEventLoopError",
     "ChatTemplateError",
     "GenerationCancelled",
     "ModelFileChangedError",
@@ -56,6 +61,10 @@ class ModelNotFoundError(ModelLoadError, FileNotFoundError):
 
 class InvalidModelError(ModelLoadError, ValueError):
     """The file is not a loadable GGUF model (bad magic, truncated, unsupported architecture)."""
+
+
+class ModelIntegrityError(ModelLoadError):
+    """A downloaded model file (or the package holding it) does not have the expected sha256."""
 
 
 class ContextCreateError(MullamaError, MemoryError):
@@ -88,6 +97,10 @@ class ClosedError(MullamaError, RuntimeError):
 
 class ContextBusyError(MullamaError, RuntimeError):
     """The context is owned by an unfinished stream of the calling thread."""
+
+
+class WrongEventLoopError(MullamaError, RuntimeError):
+    """An async object was used from an event loop other than the one it is bound to."""
 
 
 class ChatTemplateError(MullamaError, ValueError):

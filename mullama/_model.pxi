@@ -76,6 +76,7 @@ cdef class Model:
     cdef int _n_vocab
     cdef int _users             # open contexts that use ptr; close() waits for them
     cdef bint _close_requested
+    cdef bint _vocab_only       # loaded without weights: no Context can compute with it
     cdef mullama_file_guard guard   # the mapped file as loaded; checked before every decode
 
     def __cinit__(self):
@@ -89,7 +90,7 @@ cdef class Model:
         raise TypeError("use Model.load(path) to load a model")
 
     @staticmethod
-    def load(path, *, int n_gpu_layers=0, bint use_mmap=True, bint use_mlock=False, bint vocab_only=False):
+    def load(path, *, n_gpu_layers=0, bint use_mmap=True, bint use_mlock=False, bint vocab_only=False):
         """Load a GGUF file.
 
         ``n_gpu_layers`` layers go to the GPU when the build has one (-1 means all).
@@ -127,8 +128,7 @@ cdef class Model:
             raise InvalidModelError(
                 f"{fspath!r} is not a GGUF file (it starts with {magic!r}, expected b'GGUF')"
             )
-        if n_gpu_layers < -1:
-            raise InvalidArgumentError(f"n_gpu_layers={n_gpu_layers} must be >= -1 (-1 offloads all layers)")
+        _check_int(n_gpu_layers, "n_gpu_layers", -1, 1 << 20)   # -1 offloads all layers
 
         cdef llama_model_params params = llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
@@ -174,6 +174,7 @@ cdef class Model:
             model.guard.size = st.st_size
             model.guard.mtime_ns = st.st_mtime_ns
         model.ptr = ptr
+        model._vocab_only = vocab_only
         model.vocab = llama_model_get_vocab(ptr)
         model._n_vocab = llama_vocab_n_tokens(model.vocab)
         model.path = fspath
@@ -388,15 +389,22 @@ cdef class Model:
         """Validate token ids against the vocabulary and copy them into a C vector."""
         if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
             raise InvalidArgumentError(f"tokens must be a sequence of ints, got {type(tokens).__name__}")
-        cdef long t
         cdef Py_ssize_t i = 0
+        try:
+            items = iter(tokens)
+        except TypeError:   # a 0-d numpy array, say
+            raise InvalidArgumentError(f"tokens must be a 1-D sequence of ints, got {tokens!r}") from None
         out.clear()
-        for tok in tokens:
+        for tok in items:
             if isinstance(tok, bool) or not isinstance(tok, int):
-                if hasattr(tok, "__index__") and not isinstance(tok, (bool, float)):
-                    tok = tok.__index__()
-                else:
-                    raise InvalidArgumentError(f"token at index {i} is {tok!r}, not an int token id")
+                try:
+                    if isinstance(tok, bool):
+                        raise TypeError
+                    tok = tok.__index__()   # numpy integers; not floats, not arrays
+                except (AttributeError, TypeError):
+                    raise InvalidArgumentError(
+                        f"token at index {i} is {tok!r}, not an int token id (tokens must be 1-D)"
+                    ) from None
             if tok < 0 or tok >= self._n_vocab:
                 raise InvalidArgumentError(
                     f"token id {tok} at index {i} is outside the vocabulary [0, {self._n_vocab})"

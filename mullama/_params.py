@@ -16,6 +16,9 @@ __all__ = [
     "sampler_params_precise",
 ]
 
+# The int fields become C int32_t (top_k, penalty_last_n) in llama.cpp's sampler constructors.
+_INT32_MAX = 2**31 - 1
+
 
 @dataclass
 class SamplerParams:
@@ -56,13 +59,16 @@ class SamplerParams:
                 raise InvalidArgumentError(f"SamplerParams.{name}={getattr(self, name)!r}: must be {rule}")
 
         check(self.temperature >= 0, "temperature", ">= 0 (0 means greedy)")
-        check(self.top_k >= 0, "top_k", ">= 0 (0 disables top-k)")
+        check(0 <= self.top_k <= _INT32_MAX, "top_k", "in [0, 2**31 - 1] (0 disables top-k)")
         check(0.0 <= self.top_p <= 1.0, "top_p", "in [0, 1]")
         check(0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]")
         check(0.0 <= self.typical_p <= 1.0, "typical_p", "in [0, 1]")
         check(self.penalty_repeat > 0, "penalty_repeat", "> 0 (1.0 disables it)")
-        check(self.penalty_last_n >= 0, "penalty_last_n", ">= 0 (0 disables the penalties)")
-        check(0 <= self.seed <= 0xFFFFFFFF, "seed", "in [0, 2**32 - 1] (0 means random)")
+        check(0 <= self.penalty_last_n <= _INT32_MAX, "penalty_last_n",
+              "in [0, 2**31 - 1] (0 disables the penalties)")
+        # 0xFFFFFFFF is LLAMA_DEFAULT_SEED, which llama.cpp reads as "random": not a fixed seed.
+        check(0 <= self.seed < 0xFFFFFFFF, "seed",
+              "in [0, 2**32 - 2] (0 means random; 2**32 - 1 is llama.cpp's random seed too)")
         return self
 
 

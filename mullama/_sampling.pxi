@@ -1,6 +1,6 @@
 # SamplerParams -> a llama.cpp sampler chain. The chain is owned by the generation that made it.
 
-cdef llama_sampler * _make_sampler(object params, int n_vocab) except NULL:
+cdef llama_sampler * _make_sampler(object params, int n_vocab, int n_ctx) except NULL:
     """Build a sampler chain; the caller frees it with llama_sampler_free."""
     params = SamplerParams.coerce(params)
     cdef llama_sampler_chain_params cp = llama_sampler_chain_default_params()
@@ -11,8 +11,9 @@ cdef llama_sampler * _make_sampler(object params, int n_vocab) except NULL:
     cdef uint32_t seed = <uint32_t> params.seed if params.seed != 0 else <uint32_t> LLAMA_DEFAULT_SEED
     if (params.penalty_repeat != 1.0 or params.penalty_freq != 0.0 or params.penalty_present != 0.0) \
             and params.penalty_last_n != 0:
+        # llama.cpp allocates a window of penalty_last_n tokens: none can be older than n_ctx.
         llama_sampler_chain_add(chain, llama_sampler_init_penalties(
-            n_vocab, params.penalty_last_n, params.penalty_repeat, params.penalty_freq, params.penalty_present))
+            n_vocab, min(params.penalty_last_n, n_ctx), params.penalty_repeat, params.penalty_freq, params.penalty_present))
     if params.temperature == 0:
         llama_sampler_chain_add(chain, llama_sampler_init_greedy())
         return chain

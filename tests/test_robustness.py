@@ -334,7 +334,10 @@ async def main():
                 gc.collect()
                 samples.append((i, _rss_kb()))
         gc.collect()
-        await anyio.sleep(0.1)
+        for _ in range(400):   # the last workers are on their way out
+            if threading.active_count() <= threads:
+                break
+            await anyio.sleep(0.05)
         print(_slope_kb_per_1000(samples[len(samples) // 2:]), threading.active_count() - threads)
 
 anyio.run(main)
