@@ -108,6 +108,51 @@ cdef Step _gen_step(Gen * g) noexcept nogil:
     return STEP_TOKEN
 
 
+_ROPE_SCALING = {"none": LLAMA_ROPE_SCALING_TYPE_NONE, "linear": LLAMA_ROPE_SCALING_TYPE_LINEAR,
+                 "yarn": LLAMA_ROPE_SCALING_TYPE_YARN, "longrope": LLAMA_ROPE_SCALING_TYPE_LONGROPE}
+
+
+cdef int _set_rope(llama_context_params * p, dict rope) except -1:
+    """RoPE scaling settings (each None = the model's own) into p, checked by name."""
+    for name, value in rope.items():
+        if name == "rope_scaling":
+            if value not in _ROPE_SCALING:
+                raise InvalidArgumentError(f"rope_scaling={value!r} must be one of {sorted(_ROPE_SCALING)} or None")
+            p.rope_scaling_type = <llama_rope_scaling_type> <int> _ROPE_SCALING[value]
+        elif name == "yarn_orig_ctx":
+            p.yarn_orig_ctx = _check_int(value, name, 0, 1 << 24)
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or (value <= 0 and name in ("rope_freq_base", "rope_freq_scale")):
+                raise InvalidArgumentError(f"{name}={value!r} must be a finite number (> 0 for rope_freq_*)")
+            if name == "rope_freq_base":
+                p.rope_freq_base = value
+            elif name == "rope_freq_scale":
+                p.rope_freq_scale = value
+            elif name == "yarn_ext_factor":
+                p.yarn_ext_factor = value
+            elif name == "yarn_attn_factor":
+                p.yarn_attn_factor = value
+            elif name == "yarn_beta_fast":
+                p.yarn_beta_fast = value
+            else:
+                p.yarn_beta_slow = value
+    return 0
+
+
+cdef int _check_fits_training(Model model, long per_seq, bint rope_set) except -1:
+    """A sequence longer than the model was trained on gives garbage unless RoPE is scaled on
+    purpose (the original docs' "Context too large" error)."""
+    cdef long train = model.n_ctx_train
+    if per_seq > train and not rope_set:
+        raise ContextOverflowError(
+            f"a context of {per_seq} tokens per sequence is larger than the {train} tokens model "
+            f"{model.path!r} was trained with; reduce n_ctx to within n_ctx_train, or extend the "
+            "context on purpose with rope_scaling / rope_freq_scale (and the yarn_* settings)"
+        )
+    return 0
+
+
 @cython.no_gc_clear   # __dealloc__ releases the model: the cycle collector must not clear it first
 cdef class Context:
     """A llama.cpp context: a KV cache of ``n_ctx`` tokens over a :class:`Model`.
@@ -147,7 +192,9 @@ cdef class Context:
         self.batch_ready = False
 
     def __init__(self, Model model not None, *, n_ctx=0, n_batch=2048, n_threads=0, embeddings=False,
-                 n_seq_max=1, flash_attn=None, _pooling=None):
+                 n_seq_max=1, flash_attn=None, rope_scaling=None, rope_freq_base=None, rope_freq_scale=None,
+                 yarn_ext_factor=None, yarn_attn_factor=None, yarn_beta_fast=None, yarn_beta_slow=None,
+                 yarn_orig_ctx=None, _pooling=None):
         model._check()
         if model._vocab_only:
             raise InvalidArgumentError(
@@ -164,6 +211,12 @@ cdef class Context:
         _check_int(n_threads, "n_threads", 0, 1024)
         _check_int(n_seq_max, "n_seq_max", 1, llama_max_parallel_sequences())
         cdef llama_context_params p = llama_context_default_params()
+        rope = dict(rope_scaling=rope_scaling, rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale,
+                    yarn_ext_factor=yarn_ext_factor, yarn_attn_factor=yarn_attn_factor,
+                    yarn_beta_fast=yarn_beta_fast, yarn_beta_slow=yarn_beta_slow, yarn_orig_ctx=yarn_orig_ctx)
+        _set_rope(&p, {k: v for k, v in rope.items() if v is not None})
+        # Each sequence has n_ctx / n_seq_max cells, unless they share them (embeddings).
+        _check_fits_training(model, n_ctx if embeddings else n_ctx // n_seq_max, any(v is not None for v in rope.values()))
         p.n_ctx = n_ctx
         p.n_batch = n_batch
         p.n_seq_max = n_seq_max

@@ -110,6 +110,13 @@ cdef extern from "llama.h" nogil:
         LLAMA_LOAD_MODE_MMAP_MLOCK
         LLAMA_LOAD_MODE_DIRECT_IO
 
+    cdef enum llama_rope_scaling_type:
+        LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED
+        LLAMA_ROPE_SCALING_TYPE_NONE
+        LLAMA_ROPE_SCALING_TYPE_LINEAR
+        LLAMA_ROPE_SCALING_TYPE_YARN
+        LLAMA_ROPE_SCALING_TYPE_LONGROPE
+
     cdef enum llama_flash_attn_type:
         LLAMA_FLASH_ATTN_TYPE_AUTO
         LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -142,9 +149,17 @@ cdef extern from "llama.h" nogil:
         uint32_t n_seq_max
         int32_t n_threads
         int32_t n_threads_batch
+        llama_rope_scaling_type rope_scaling_type
         llama_pooling_type pooling_type
         llama_flash_attn_type flash_attn_type
         ggml_abort_callback abort_callback
+        float rope_freq_base
+        float rope_freq_scale
+        float yarn_ext_factor
+        float yarn_attn_factor
+        float yarn_beta_fast
+        float yarn_beta_slow
+        uint32_t yarn_orig_ctx
         void * abort_callback_data
         bint embeddings
         bint no_perf

@@ -3,7 +3,9 @@
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from os import PathLike
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
+
+from typing_extensions import disjoint_base
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +16,7 @@ from ._params import SamplerParams
 _Params = SamplerParams | Mapping[str, Any] | None
 _Message = tuple[str, str] | Mapping[str, str]
 
+@disjoint_base
 class Model:
     path: str
     @staticmethod
@@ -58,6 +61,7 @@ class Model:
     def token_is_eog(self, token: int) -> bool: ...
     def apply_chat_template(self, messages: Iterable[_Message], add_generation_prompt: bool = True) -> str: ...
 
+@disjoint_base
 class TokenStream(Iterator[str]):
     finish_reason: str | None
     def __next__(self) -> str: ...
@@ -66,6 +70,7 @@ class TokenStream(Iterator[str]):
     def __enter__(self) -> TokenStream: ...
     def __exit__(self, *exc: object) -> None: ...
 
+@disjoint_base
 class Context:
     model: Model
     last_reused_tokens: int
@@ -73,7 +78,12 @@ class Context:
     last_finish_reason: str | None
     total_evaluated_tokens: int
     def __init__(self, model: Model, *, n_ctx: int = 0, n_batch: int = 2048, n_threads: int = 0,
-                 embeddings: bool = False, n_seq_max: int = 1, flash_attn: bool | None = None) -> None: ...
+                 embeddings: bool = False, n_seq_max: int = 1, flash_attn: bool | None = None,
+                 rope_scaling: Literal["none", "linear", "yarn", "longrope"] | None = None,
+                 rope_freq_base: float | None = None, rope_freq_scale: float | None = None,
+                 yarn_ext_factor: float | None = None, yarn_attn_factor: float | None = None,
+                 yarn_beta_fast: float | None = None, yarn_beta_slow: float | None = None,
+                 yarn_orig_ctx: int | None = None) -> None: ...
     def close(self) -> None: ...
     def __enter__(self) -> Context: ...
     def __exit__(self, *exc: object) -> None: ...
@@ -100,6 +110,7 @@ class Context:
     def clear_cache(self) -> None: ...
     def get_embeddings(self) -> npt.NDArray[np.float32]: ...
 
+@disjoint_base
 class EmbeddingGenerator:
     context: Context
     normalize: bool
@@ -115,6 +126,7 @@ class EmbeddingGenerator:
     def embed(self, text: str) -> npt.NDArray[np.float32]: ...
     def embed_batch(self, texts: Sequence[str]) -> npt.NDArray[np.float32]: ...
 
+@disjoint_base
 class Engine:
     n_parallel: int
     def __init__(self, model: Model, *, n_parallel: int = 8, n_ctx: int | None = None, n_batch: int = 512,

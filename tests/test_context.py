@@ -364,3 +364,24 @@ def test_a_piece_longer_than_256_bytes_comes_out_whole(vendor_dir, tmp_path, gre
         assert list(ctx.generate_stream("abc", 2, greedy)) == [LONG_PIECE, LONG_PIECE]
     with mullama.Engine(model, n_parallel=2, n_ctx=256) as engine:
         assert list(engine.stream("abc", 2, greedy)) == [LONG_PIECE, LONG_PIECE]
+
+
+def test_context_larger_than_the_training_context_is_refused(smollm):
+    train = smollm.n_ctx_train
+    with pytest.raises(mullama.ContextOverflowError, match=f"{2 * train}.*{train}"):
+        mullama.Context(smollm, n_ctx=2 * train)
+    with pytest.raises(mullama.ContextOverflowError):
+        mullama.Engine(smollm, n_parallel=2, n_ctx=4 * train)
+
+
+def test_rope_scaling_extends_the_context_on_purpose(smollm, greedy):
+    with mullama.Context(smollm, n_ctx=2 * smollm.n_ctx_train, rope_scaling="linear", rope_freq_scale=0.5) as ctx:
+        assert ctx.n_ctx == 2 * smollm.n_ctx_train
+        assert ctx.generate("Once upon a time", 4, greedy)
+
+
+@pytest.mark.parametrize("kwargs", [{"rope_scaling": "wide"}, {"rope_freq_scale": 0}, {"rope_freq_base": float("nan")},
+                                    {"yarn_orig_ctx": -1}, {"yarn_beta_fast": "1"}])
+def test_bad_rope_settings_are_refused_by_name(smollm, kwargs):
+    with pytest.raises(mullama.InvalidArgumentError, match=next(iter(kwargs))):
+        mullama.Context(smollm, n_ctx=256, **kwargs)

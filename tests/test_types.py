@@ -23,3 +23,12 @@ def test_mypy_passes_on_public_api_and_examples():
 def test_package_ships_stubs_and_marker():
     assert (ROOT / "mullama" / "py.typed").is_file()
     assert (ROOT / "mullama" / "_llama.pyi").is_file()
+
+
+def test_stubs_match_the_compiled_module():
+    # mypy.stubtest imports mullama._llama and compares every name and signature with _llama.pyi.
+    pytest.importorskip("mypy")
+    proc = subprocess.run([sys.executable, "-m", "mypy.stubtest", "mullama._llama",
+                           "--allowlist", str(ROOT / "tests" / "stubtest_allowlist.txt")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
