@@ -39,8 +39,22 @@ def _mullama_threads():
 
 
 async def test_load_model_does_not_block(smollm_path):
-    model = await mullama.aio.load_model(smollm_path, vocab_only=True)
-    assert model.n_vocab == 49152
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.sleep(0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.sleep(0)
+        before = ticks
+        model = await mullama.aio.load_model(smollm_path)
+        during = ticks - before          # a load that blocked the loop would leave this at 0
+        tg.cancel_scope.cancel()
+    assert model.n_vocab == 49152 and during > 1
 
 
 async def test_stream_joins_to_sync_generate(actx, smollm, greedy):
@@ -235,6 +249,6 @@ async def test_async_embeddings(minilm, minilm_reference):
         vecs = await gen.embed_batch(minilm_reference["sentences"])
         one = await gen.embed(minilm_reference["sentences"][0])
         assert gen.n_embd == 384
-    for v, ref in zip(vecs, minilm_reference["embeddings"]):
+    for v, ref in zip(vecs, minilm_reference["embeddings"], strict=True):
         assert mullama.cosine_similarity(v, ref) >= 0.995
     assert mullama.cosine_similarity(one, minilm_reference["embeddings"][0]) >= 0.995

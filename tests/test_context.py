@@ -50,12 +50,11 @@ def test_generation_stops_at_end_of_generation_token(smollm, ctx, greedy):
 
 def test_generation_stops_when_context_is_full(smollm, greedy):
     with mullama.Context(smollm, n_ctx=256) as ctx:
-        prompt_tokens = len(smollm.tokenize("Once upon a time"))
-        ctx.generate("Once upon a time", max_tokens=10_000, params=mullama.SamplerParams(temperature=0.0, penalty_repeat=1.3))
-        assert ctx.last_finish_reason in ("context", "stop")
-        if ctx.last_finish_reason == "context":
-            assert ctx.n_past == ctx.n_ctx
-        assert ctx.n_past >= prompt_tokens
+        prompt_tokens = len(smollm.tokenize("1, 2, 3, 4, 5,"))
+        # Greedy, the model counts on without an end token for longer than 256 tokens.
+        ctx.generate("1, 2, 3, 4, 5,", max_tokens=10_000, params=greedy)
+        assert ctx.last_finish_reason == "context"
+        assert ctx.n_past == ctx.n_ctx > prompt_tokens
 
 
 def test_max_tokens_zero_decodes_prompt_only(ctx, greedy):
@@ -87,6 +86,8 @@ def test_stream_pieces_are_whole_utf8(ctx):
     params = mullama.SamplerParams(temperature=0.0, penalty_repeat=1.0)
     prompt = "Translate to Japanese with emoji: I love sushi 🍣 and Tokyo 東京. Answer: "
     pieces = list(ctx.generate_stream(prompt, max_tokens=60, params=params))
+    # The check means something only if a character of several UTF-8 bytes was produced.
+    assert any(len(ch.encode("utf-8")) > 1 for ch in "".join(pieces))
     for piece in pieces:
         assert "\ufffd" not in piece
         piece.encode("utf-8")

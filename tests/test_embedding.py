@@ -15,7 +15,7 @@ def gen(minilm):
 
 
 def test_embed_matches_sentence_transformers(gen, minilm_reference):
-    for text, ref in zip(minilm_reference["sentences"], minilm_reference["embeddings"]):
+    for text, ref in zip(minilm_reference["sentences"], minilm_reference["embeddings"], strict=True):
         vec = gen.embed(text)
         assert vec.dtype == np.float32 and vec.shape == (gen.n_embd,) == (384,)
         assert mullama.cosine_similarity(vec, ref) >= 0.995
@@ -24,14 +24,14 @@ def test_embed_matches_sentence_transformers(gen, minilm_reference):
 def test_embed_batch_matches_sentence_transformers(gen, minilm_reference):
     out = gen.embed_batch(minilm_reference["sentences"])
     assert out.shape == (len(minilm_reference["sentences"]), 384) and out.dtype == np.float32
-    for row, ref in zip(out, minilm_reference["embeddings"]):
+    for row, ref in zip(out, minilm_reference["embeddings"], strict=True):
         assert mullama.cosine_similarity(row, ref) >= 0.995
 
 
 def test_embed_batch_keeps_order_and_equals_single(gen):
     texts = ["short", "a much longer sentence about cats and dogs living together", "mid length text"] * 5
     batch = gen.embed_batch(texts)
-    for text, row in zip(texts, batch):
+    for text, row in zip(texts, batch, strict=True):
         np.testing.assert_allclose(row, gen.embed(text), atol=2e-3)
 
 

@@ -136,9 +136,9 @@ def test_bad_input_fails_only_that_request(engine, solo, greedy):
 
 def test_full_sequence_ends_with_length_not_the_engine(smollm, greedy):
     with mullama.Engine(smollm, n_parallel=2, n_ctx=512, n_batch=128) as e:   # 256 per sequence
-        with e.stream("Once upon a time", 10_000, mullama.SamplerParams(temperature=0.0, penalty_repeat=1.3)) as s:
+        with e.stream("1, 2, 3, 4, 5,", 10_000, greedy) as s:
             text = "".join(s)
-        assert s.finish_reason in ("context", "stop")
+        assert s.finish_reason == "context"   # greedy, the model counts on past 256 tokens
         assert text
         assert e.generate("The capital of France is", 4, greedy).startswith(" Paris")
 

@@ -119,7 +119,6 @@ async def test_client_disconnect_frees_the_context_within_a_second(server):
                     n += 1
                     if n == 3:
                         break
-        assert (await client.get("/health")).json()["busy"] in (True, False)
         took = await _wait_idle(client, timeout=1.0)
         assert took < 1.0
         r = await client.post("/generate", json=_greedy("The capital of France is", 4))
@@ -172,5 +171,5 @@ async def test_embed_endpoint(server, minilm_reference):
     async with httpx.AsyncClient(base_url=server, timeout=60) as client:
         r = await client.post("/embed", json={"texts": minilm_reference["sentences"][:3]})
         vecs = r.json()["embeddings"]
-    for v, ref in zip(vecs, minilm_reference["embeddings"]):
+    for v, ref in zip(vecs, minilm_reference["embeddings"][:3], strict=True):
         assert mullama.cosine_similarity(v, ref) >= 0.995
