@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 THREADS = len(os.sched_getaffinity(0))
 SHARED = ROOT.parent / "shared" / "models"
 STORY = "Once upon a time"
+COUNTING = "1, 2, 3, 4, 5,"
 
 
 def generated(ctx, n_prompt):
@@ -373,6 +374,53 @@ def bench_stream(t: Table, model_path, reps, n=200):
     t.add("event-loop lag while streaming (ms)", "max", [lags_ms[-1]], "ms")
 
 
+def bench_busy(t: Table, model_path, reps, n=32):
+    """Generation while one CPU-bound process runs at normal priority beside it: the async API
+    and the engine must slow down no more than the sync call does (their threads once ran at a
+    lowered priority, and llama.cpp's compute threads, waiting for each other at every step,
+    starved behind the busy process)."""
+    import anyio
+
+    import mullama.aio
+
+    model = mullama.Model.load(model_path)
+    g = mullama.sampler_params_greedy()
+    sync_s, async_s, engine_s = [], [], []   # greedy, the model counts on: n tokens every time
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        with mullama.Context(model, n_ctx=512, n_threads=THREADS) as ctx:
+            ctx.generate(COUNTING, 4, g)                       # the same warm-up for every system
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                ctx.generate(COUNTING, n, g)
+                sync_s.append(n / (time.perf_counter() - t0))
+
+        async def run():
+            async with mullama.aio.AsyncContext(model, n_ctx=512, n_threads=THREADS) as actx:
+                await actx.generate(COUNTING, 4, g)
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    await actx.generate(COUNTING, n, g)
+                    async_s.append(n / (time.perf_counter() - t0))
+            async with mullama.aio.AsyncEngine(model, n_parallel=2, n_ctx=1024, n_threads=THREADS) as eng:
+                await eng.generate(COUNTING, 4, g)
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    await eng.generate(COUNTING, n, g)
+                    engine_s.append(n / (time.perf_counter() - t0))
+
+        anyio.run(run)
+    finally:
+        hog.kill()
+        hog.wait()
+    w = f"{n} tokens beside one busy process (tok/s)"
+    t.add(w, "sync generate", sync_s, "tok/s")
+    t.add(w, "mullama.aio AsyncContext.generate", async_s, "tok/s")
+    t.add(w, "mullama.aio AsyncEngine.generate", engine_s, "tok/s")
+    print(f"busy machine: async/sync {median(async_s) / median(sync_s):.2f}, "
+          f"engine/sync {median(engine_s) / median(sync_s):.2f}", flush=True)
+
+
 def bench_engine(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128):
     model = mullama.Model.load(model_path)
     g = mullama.sampler_params_greedy()
@@ -545,7 +593,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and texts (a few minutes)")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--only", default="pp,tg,ttft,embed,mem,stream,engine,servers")
+    ap.add_argument("--only", default="pp,tg,ttft,embed,mem,stream,busy,engine,servers")
     ap.add_argument("--no-llama-cpp-python", action="store_true", help="skip the llama-cpp-python peer")
     ap.add_argument("--no-sentence-transformers", action="store_true", help="skip the PyTorch peer")
     ap.add_argument("--no-write", action="store_true")
@@ -572,6 +620,8 @@ def main(argv=None):
         bench_mem(t, model_path, tools, lcp_py)
     if "stream" in only:
         bench_stream(t, model_path, reps)
+    if "busy" in only:
+        bench_busy(t, model_path, reps)
     if "engine" in only:
         bench_engine(t, model_path, tools, max(1, reps // 2) if args.quick else reps)
     if "servers" in only:

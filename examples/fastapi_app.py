@@ -13,7 +13,7 @@ import json
 import os
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -76,8 +76,7 @@ async def generate(req: GenerateRequest, request: Request):
 
 @app.post("/generate/stream")
 async def generate_stream(req: GenerateRequest, request: Request):
-    if not req.prompt:
-        raise HTTPException(status_code=400, detail="prompt is empty")
+    # Made here, before the response starts: a bad request raises now and becomes a 400.
     stream = request.app.state.engine.stream(req.prompt, req.max_tokens, _params(req))
 
     async def events():

@@ -15,7 +15,7 @@ class EngineRequest:
 
     __slots__ = ("tokens", "max_tokens", "params", "capacity", "pieces", "cond", "finished", "error",
                  "finish_reason", "cancelled", "waker", "engine_wake", "slot", "wake_each",
-                 "__weakref__")
+                 "completion_tokens", "__weakref__")
 
     def __init__(self, tokens: list[int], max_tokens: int, params: object, capacity: int,
                  engine_wake: Callable[[], None]) -> None:
@@ -33,6 +33,7 @@ class EngineRequest:
         self.engine_wake = engine_wake
         self.slot = -1            # the engine slot serving it, once admitted
         self.wake_each = True     # False: an async consumer wants one wake-up, at the end
+        self.completion_tokens = 0   # set by the engine thread as it generates
 
     # -- engine thread -------------------------------------------------------------------------
 
@@ -106,8 +107,21 @@ class EngineStream:
 
     @property
     def finish_reason(self) -> str | None:
-        """"stop", "length" or "context" once the request has ended by itself."""
+        """"stop", "length", "context" or "cancelled" once the request has ended."""
         return self._request.finish_reason
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._request.tokens)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far."""
+        return self._request.completion_tokens
+
+    def cancel(self) -> None:
+        """Stop the request at the engine's next step, from any thread; iterating then ends."""
+        self._request.cancel()
 
     def read(self) -> str:
         """Wait for the end of the request and return its whole text."""

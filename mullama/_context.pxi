@@ -10,78 +10,66 @@ cdef enum Finish:
 
 _FINISH_NAMES = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_CONTEXT: "context"}
 
-# What one _gen_step did. Numbered apart from llama_decode's results, which travel in Gen.error.
+# What one _gen_step did, in numbers of its own.
 cdef enum Step:
     STEP_TOKEN = 1000     # a token was generated
     STEP_DONE = 1001      # the generation ended; Gen.finish says why
-    STEP_ABORTED = 1002   # cancel() or a signal stopped it
-    STEP_NO_LOGITS = 1003 # the model computed no logits to sample from
-    STEP_FAILED = 1004    # llama_decode failed with Gen.error
+    STEP_NO_LOGITS = 1002 # the model computed no logits to sample from
+    STEP_DECODE = 1003    # the decode did not succeed; Gen.decoded says how
 
 
 cdef struct Gen:
-    llama_context * ctx
+    NativeState * st
     const llama_vocab * vocab
     llama_sampler * smpl
-    llama_batch * batch
     vector[llama_token] * hist    # tokens whose keys/values are in the cache, in order
-    Interrupt * interrupt
     int n_ctx
     int max_tokens
     int n_generated
     llama_token pending           # sampled and delivered, not yet decoded (-1: none)
     int finish
-    int error                     # the llama_decode result that stopped the loop
+    Decoded decoded               # how the decode that stopped the loop went
     string * out                  # UTF-8 bytes produced and not yet handed to Python
-    const mullama_file_guard * guard
 
 
-cdef int _decode_chunk(llama_context * ctx, llama_batch * batch, vector[llama_token] * hist,
-                       const llama_token * toks, int n, bint last_logits, bint all_outputs,
-                       const mullama_file_guard * guard) noexcept nogil:
+cdef Decoded _decode_chunk(Gen * g, const llama_token * toks, int n, bint last_logits,
+                           bint all_outputs) noexcept nogil:
     """Decode n tokens at the end of the sequence 0 cache; on success append them to hist.
     On failure the cache is trimmed back to hist, so hist and the cache always agree."""
     cdef int i
-    cdef int pos0 = <int> hist.size()
-    cdef int rc
-    batch.n_tokens = n
+    cdef int pos0 = <int> g.hist.size()
+    cdef Decoded d
     for i in range(n):
-        batch.token[i] = toks[i]
-        batch.pos[i] = pos0 + i
-        batch.n_seq_id[i] = 1
-        batch.seq_id[i][0] = 0
-        batch.logits[i] = all_outputs
-    if last_logits:
-        batch.logits[n - 1] = 1
-    rc = _decode(ctx, batch, guard)
-    if rc != 0:
-        llama_memory_seq_rm(llama_get_memory(ctx), 0, pos0, -1)
-        return rc
+        _batch_put(g.st, i, toks[i], pos0 + i, 0, all_outputs or (last_logits and i == n - 1))
+    d = _native_decode(g.st, n)
+    if d != DECODED:
+        _seq_rm(g.st, 0, pos0, -1)
+        return d
     for i in range(n):
-        hist.push_back(toks[i])
-    return 0
+        g.hist.push_back(toks[i])
+    return DECODED
 
 
-cdef int _decode_prompt(Gen * g, const llama_token * toks, int n, int n_batch, bint all_outputs) noexcept nogil:
+cdef Decoded _decode_prompt(Gen * g, const llama_token * toks, int n, int n_batch, bint all_outputs) noexcept nogil:
     """Decode the new part of a prompt in chunks of n_batch; logits for its last token."""
     cdef int start = 0
-    cdef int chunk, rc
+    cdef int chunk
+    cdef Decoded d
     while start < n:
         chunk = n - start if n - start < n_batch else n_batch
-        rc = _decode_chunk(g.ctx, g.batch, g.hist, toks + start, chunk, start + chunk == n, all_outputs,
-                           g.guard)
-        if rc != 0:
-            return rc
+        d = _decode_chunk(g, toks + start, chunk, start + chunk == n, all_outputs)
+        if d != DECODED:
+            return d
         start += chunk
-    return 0
+    return DECODED
 
 
 cdef Step _gen_step(Gen * g) noexcept nogil:
     """One token: decode the pending token, sample the next, append its text to g.out."""
     cdef llama_token tok
-    cdef int rc
-    if _poll_interrupt(g.interrupt):
-        return STEP_ABORTED
+    if _poll_interrupt(&g.st.interrupt):
+        g.decoded = DECODE_ABORTED
+        return STEP_DECODE
     if g.n_generated >= g.max_tokens:
         g.finish = FINISH_LENGTH
         return STEP_DONE
@@ -90,14 +78,11 @@ cdef Step _gen_step(Gen * g) noexcept nogil:
             g.finish = FINISH_CONTEXT
             return STEP_DONE
         tok = g.pending
-        rc = _decode_chunk(g.ctx, g.batch, g.hist, &tok, 1, True, False, g.guard)
-        if rc == RC_DECODE_ABORTED:
-            return STEP_ABORTED
-        if rc != 0:
-            g.error = rc
-            return STEP_FAILED
+        g.decoded = _decode_chunk(g, &tok, 1, True, False)
+        if g.decoded != DECODED:
+            return STEP_DECODE
         g.pending = -1
-    if not _sample(g.smpl, g.ctx, -1, &tok):
+    if not _sample(g.smpl, g.st.ctx, -1, &tok):
         return STEP_NO_LOGITS
     if llama_vocab_is_eog(g.vocab, tok):
         g.finish = FINISH_STOP
@@ -108,165 +93,43 @@ cdef Step _gen_step(Gen * g) noexcept nogil:
     return STEP_TOKEN
 
 
-_ROPE_SCALING = {"none": LLAMA_ROPE_SCALING_TYPE_NONE, "linear": LLAMA_ROPE_SCALING_TYPE_LINEAR,
-                 "yarn": LLAMA_ROPE_SCALING_TYPE_YARN, "longrope": LLAMA_ROPE_SCALING_TYPE_LONGROPE}
-
-
-cdef int _set_rope(llama_context_params * p, dict rope) except -1:
-    """RoPE scaling settings (each None = the model's own) into p, checked by name."""
-    for name, value in rope.items():
-        if name == "rope_scaling":
-            if value not in _ROPE_SCALING:
-                raise InvalidArgumentError(f"rope_scaling={value!r} must be one of {sorted(_ROPE_SCALING)} or None")
-            p.rope_scaling_type = <llama_rope_scaling_type> <int> _ROPE_SCALING[value]
-        elif name == "yarn_orig_ctx":
-            p.yarn_orig_ctx = _check_int(value, name, 0, 1 << 24)
-        else:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or (value <= 0 and name in ("rope_freq_base", "rope_freq_scale")):
-                raise InvalidArgumentError(f"{name}={value!r} must be a finite number (> 0 for rope_freq_*)")
-            if name == "rope_freq_base":
-                p.rope_freq_base = value
-            elif name == "rope_freq_scale":
-                p.rope_freq_scale = value
-            elif name == "yarn_ext_factor":
-                p.yarn_ext_factor = value
-            elif name == "yarn_attn_factor":
-                p.yarn_attn_factor = value
-            elif name == "yarn_beta_fast":
-                p.yarn_beta_fast = value
-            else:
-                p.yarn_beta_slow = value
-    return 0
-
-
-cdef int _check_fits_training(Model model, long per_seq, bint rope_set) except -1:
-    """A sequence longer than the model was trained on gives garbage unless RoPE is scaled on
-    purpose (the original docs' "Context too large" error)."""
-    cdef long train = model.n_ctx_train
-    if per_seq > train and not rope_set:
-        raise ContextOverflowError(
-            f"a context of {per_seq} tokens per sequence is larger than the {train} tokens model "
-            f"{model.path!r} was trained with; reduce n_ctx to within n_ctx_train, or extend the "
-            "context on purpose with rope_scaling / rope_freq_scale (and the yarn_* settings)"
-        )
-    return 0
-
-
-@cython.no_gc_clear   # __dealloc__ releases the model: the cycle collector must not clear it first
+@cython.no_gc_clear   # the streams and native state it owns are freed by their owners
 cdef class Context:
     """A llama.cpp context: a KV cache of ``n_ctx`` tokens over a :class:`Model`.
 
     ``generate`` reuses whatever the cache holds that is a token prefix of the new prompt,
     so a chat that resends its growing history only decodes the new turn.
 
-    ``n_ctx=0`` takes the model's training context; ``n_threads=0`` the cores this process may
-    use; ``flash_attn`` None keeps llama.cpp's choice (auto), True/False force it.
+    ``n_ctx=0`` takes the model's training context (a larger one raises ContextOverflowError
+    unless RoPE scaling is set on purpose); ``n_threads=0`` the cores this process may use;
+    ``flash_attn`` None keeps llama.cpp's choice (auto), True/False force it.
 
     >>> ctx = Context(model, n_ctx=2048)                              # doctest: +SKIP
     >>> ctx.generate("The capital of France is", max_tokens=8)        # doctest: +SKIP
     """
 
-    cdef llama_context * ptr
+    cdef _NativeContext core          # owns the llama_context, batch and interrupt
     cdef readonly Model model        # keeps the model (and its vocabulary) alive
-    cdef llama_batch batch
-    cdef bint batch_ready
-    cdef int _n_batch
-    cdef int _n_ctx
-    cdef int _n_threads
-    cdef bint _embeddings
-    cdef int _pooling
     cdef vector[llama_token] hist
-    cdef Interrupt interrupt
     cdef object _lock                # one call (or open stream) at a time
     cdef object _owner               # the thread whose stream holds _lock
-    cdef long long _calls            # generations started so far (each takes the next number)
-    cdef long long _cancel_upto      # cancel() covers the generations numbered up to this
     cdef readonly int last_reused_tokens
     cdef readonly int last_evaluated_tokens
     cdef readonly object last_finish_reason
     cdef readonly long long total_evaluated_tokens
 
-    def __cinit__(self):
-        self.ptr = NULL
-        self.batch_ready = False
-
     def __init__(self, Model model not None, *, n_ctx=0, n_batch=2048, n_threads=0, embeddings=False,
                  n_seq_max=1, flash_attn=None, rope_scaling=None, rope_freq_base=None, rope_freq_scale=None,
                  yarn_ext_factor=None, yarn_attn_factor=None, yarn_beta_fast=None, yarn_beta_slow=None,
-                 yarn_orig_ctx=None, _pooling=None):
-        model._check()
-        if model._vocab_only:
-            raise InvalidArgumentError(
-                f"model {model.path!r} was loaded with vocab_only=True: it has no weights to compute "
-                "with, so it cannot have a Context; load it again without vocab_only"
-            )
-        _check_int(n_ctx, "n_ctx", 0, 1 << 24)
-        if n_ctx == 0 and not 0 < model.n_ctx_train <= 1 << 24:
-            raise ContextCreateError(
-                f"n_ctx=0 takes the model's training context, {model.n_ctx_train} tokens, "
-                f"outside the 1..{1 << 24} a Context can hold; pass n_ctx"
-            )
-        _check_int(n_batch, "n_batch", 1, 1 << 20)
-        _check_int(n_threads, "n_threads", 0, 1024)
-        _check_int(n_seq_max, "n_seq_max", 1, llama_max_parallel_sequences())
-        cdef llama_context_params p = llama_context_default_params()
+                 yarn_orig_ctx=None):
         rope = dict(rope_scaling=rope_scaling, rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale,
                     yarn_ext_factor=yarn_ext_factor, yarn_attn_factor=yarn_attn_factor,
                     yarn_beta_fast=yarn_beta_fast, yarn_beta_slow=yarn_beta_slow, yarn_orig_ctx=yarn_orig_ctx)
-        _set_rope(&p, {k: v for k, v in rope.items() if v is not None})
-        # Each sequence has n_ctx / n_seq_max cells, unless they share them (embeddings).
-        _check_fits_training(model, n_ctx if embeddings else n_ctx // n_seq_max, any(v is not None for v in rope.values()))
-        p.n_ctx = n_ctx
-        p.n_batch = n_batch
-        p.n_seq_max = n_seq_max
-        self._n_threads = n_threads or _default_threads()
-        p.n_threads = self._n_threads
-        p.n_threads_batch = self._n_threads
-        p.embeddings = bool(embeddings)
-        p.no_perf = True
-        if flash_attn is not None:
-            # llama.cpp's default (auto) turns it on for the CPU: faster on long prompts, slower
-            # on batches of a few tokens (a chat's new turn); see BENCHMARKS.md.
-            p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else LLAMA_FLASH_ATTN_TYPE_DISABLED
-        if embeddings:
-            # Non-causal models must see a whole sequence in one micro-batch, and the texts of
-            # one embedding batch share the cache cells instead of n_ctx / n_seq_max each.
-            p.n_ubatch = n_batch
-            p.kv_unified = True
-        if _pooling is not None:
-            p.pooling_type = <llama_pooling_type> <int> _pooling
-        p.abort_callback = _abort_callback
-        p.abort_callback_data = &self.interrupt
-        _arm_interrupt(&self.interrupt, False)
-        mark = _log_mark()
-        cdef llama_context * ptr
-        with nogil:
-            ptr = llama_init_from_model(model.ptr, p)
-        if ptr == NULL:
-            why = _log_since(mark, logging.ERROR) or _log_since(mark)
-            raise ContextCreateError(
-                f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: "
-                + ("; ".join(why[-3:]) if why else "no reason was logged")
-                + "; try a smaller n_ctx or n_batch"
-            )
-        self.ptr = ptr
+        self.core = _NativeContext.open(model, n_ctx, n_batch, n_threads, bool(embeddings), n_seq_max, flash_attn,
+                                       rope, None)
         self.model = model
-        model._acquire()
-        cdef float * rows = llama_get_logits(ptr)
-        if rows != NULL and not embeddings:
-            for i in range(n_seq_max):
-                mullama_logits_used(rows + <size_t> i * model._n_vocab)
-        self._n_ctx = llama_n_ctx(ptr)
-        self._n_batch = llama_n_batch(ptr)
-        self._embeddings = bool(embeddings)
-        self._pooling = <int> llama_get_pooling_type(ptr)
-        self.batch = llama_batch_init(self._n_batch, 0, 1)
-        self.batch_ready = True
         self._lock = threading.Lock()
         self._owner = None
-        self._calls = 0
-        self._cancel_upto = 0
         self.last_reused_tokens = 0
         self.last_evaluated_tokens = 0
         self.total_evaluated_tokens = 0
@@ -275,40 +138,21 @@ cdef class Context:
     def close(self):
         """Free the context now (idempotent). A generation running in another thread is
         cancelled first; a stream another thread keeps open makes this raise ContextBusyError."""
-        if self.ptr == NULL:
+        if self.core is None or self.core.st.ctx == NULL:
             return
         if self._owner is threading.current_thread():
             raise ContextBusyError("close the open generate_stream of this Context before closing it")
         if not self._lock.acquire(blocking=False):
-            mullama_atomic_store(&self.interrupt.cancel, 1)
+            self.core.cancel_running()
             if not self._lock.acquire(timeout=5.0):
                 raise ContextBusyError(
                     "another thread keeps a generate_stream of this Context open; close that stream first"
                 )
         try:
-            self._free()
+            self.core.free()
+            self.hist.clear()
         finally:
             self._lock.release()
-
-    cdef void _free(self):
-        if self.ptr != NULL:
-            llama_free(self.ptr)
-            self.ptr = NULL
-            self.hist.clear()
-            self.model._release()
-        if self.batch_ready:
-            llama_batch_free(self.batch)
-            self.batch_ready = False
-
-    def __dealloc__(self):
-        if self.ptr != NULL:
-            llama_free(self.ptr)
-            self.ptr = NULL
-            if self.model is not None:
-                self.model._release()
-        if self.batch_ready:
-            llama_batch_free(self.batch)
-            self.batch_ready = False
 
     def __enter__(self):
         return self
@@ -318,21 +162,21 @@ cdef class Context:
 
     @property
     def closed(self):
-        return self.ptr == NULL
+        return self.core is None or self.core.st.ctx == NULL
 
     @property
     def n_ctx(self):
         """Tokens the cache can hold."""
-        return self._n_ctx
+        return self._core().n_ctx
 
     @property
     def n_batch(self):
         """Most tokens decoded in one llama_decode call."""
-        return self._n_batch
+        return self._core().n_batch
 
     @property
     def n_threads(self):
-        return self._n_threads
+        return self._core().n_threads
 
     @property
     def n_past(self):
@@ -354,23 +198,15 @@ cdef class Context:
 
         It covers every generation already started: the one running, an open stream between
         two pieces, and calls still waiting for the context; later calls are not affected."""
-        if self.ptr != NULL:
-            self._cancel_upto = self._calls
-            mullama_atomic_store(&self.interrupt.cancel, 1)
+        self._core().cancel()
 
-    cdef long long _ticket(self):
-        """Number a generation as it starts, so that a cancel() from then on covers it."""
-        self._calls += 1
-        return self._calls
-
-    cdef void _arm_for_thread(self):
-        """Ready signal polling for a native loop in the calling thread."""
-        _arm_signals(&self.interrupt)
+    cdef _NativeContext _core(self):
+        if self.core is None:    # Context.__new__ without __init__
+            raise ClosedError("this Context was never opened")
+        return self.core
 
     cdef int _check(self) except -1:
-        if self.ptr == NULL:
-            raise ClosedError("this Context is closed")
-        return 0
+        return self._core().check()
 
     # -- locking -----------------------------------------------------------------------------
 
@@ -382,10 +218,10 @@ cdef class Context:
                 "exhaust it or call its close() before starting another generation"
             )
         self._lock.acquire()
-        if self.ptr == NULL:
+        if self.core.st.ctx == NULL:
             self._lock.release()
             raise ClosedError("this Context was closed while waiting for it")
-        _arm_interrupt(&self.interrupt, ticket <= self._cancel_upto)
+        self.core.arm(ticket)
         return 0
 
     cdef void _leave(self):
@@ -403,61 +239,44 @@ cdef class Context:
         while keep < limit and self.hist[keep] == toks[keep]:
             keep += 1
         if keep < <int> self.hist.size():
-            llama_memory_seq_rm(llama_get_memory(self.ptr), 0, keep, -1)
+            _seq_rm(&self.core.st, 0, keep, -1)
             self.hist.resize(keep)
         cdef Gen g
         self._init_gen(&g, NULL, 0)
-        cdef int rc
-        cdef bint all_out = self._embeddings and self._pooling != LLAMA_POOLING_TYPE_NONE
+        cdef Decoded d
+        cdef bint all_out = self.core.embeddings and self.core.pooling != LLAMA_POOLING_TYPE_NONE
         with nogil:
-            rc = _decode_prompt(&g, toks.data() + keep, n - keep, self._n_batch, all_out)
+            d = _decode_prompt(&g, toks.data() + keep, n - keep, self.core.n_batch, all_out)
         self.last_reused_tokens = keep
         self.last_evaluated_tokens = <int> self.hist.size() - keep
         self.total_evaluated_tokens += self.last_evaluated_tokens
-        if rc == RC_DECODE_ABORTED:
+        if d == DECODE_ABORTED:
             self.last_finish_reason = "cancelled"
-            _raise_interrupt(&self.interrupt)
-            raise GenerationCancelled("prompt processing was aborted")
-        if rc != 0:
-            raise decode_error(rc, f"decoding a prompt of {n} tokens")
+        self.core.raise_for(d, f"decoding a prompt of {n} tokens")
         return 0
 
     cdef int _check_fits(self, size_t n) except -1:
         if n == 0:
             raise InvalidArgumentError("prompt is empty; give at least one token of text")
-        if n > <size_t> self._n_ctx:
+        if n > <size_t> self.core.n_ctx:
             raise ContextOverflowError(
-                f"prompt is {n} tokens but the context holds {self._n_ctx}; "
+                f"prompt is {n} tokens but the context holds {self.core.n_ctx}; "
                 "use a larger n_ctx or a shorter prompt"
             )
         return 0
 
     cdef void _init_gen(self, Gen * g, llama_sampler * smpl, int max_tokens):
-        g.ctx = self.ptr
+        g.st = &self.core.st
         g.vocab = self.model.vocab
         g.smpl = smpl
-        g.batch = &self.batch
         g.hist = &self.hist
-        g.interrupt = &self.interrupt
-        g.n_ctx = self._n_ctx
+        g.n_ctx = self.core.n_ctx
         g.max_tokens = max_tokens
         g.n_generated = 0
         g.pending = -1
         g.finish = FINISH_NONE
-        g.error = 0
+        g.decoded = DECODED
         g.out = NULL
-        g.guard = &self.model.guard
-
-    cdef int _prompt_tokens(self, prompt, vector[llama_token] & toks) except -1:
-        if not isinstance(prompt, str):
-            raise InvalidArgumentError(f"prompt must be a str, got {type(prompt).__name__}")
-        if not prompt:
-            raise InvalidArgumentError("prompt is empty; give some text to complete")
-        cdef list ids = self.model._tokenize_bytes(_utf8(prompt, "prompt"), True, True)
-        toks.clear()
-        for t in ids:
-            toks.push_back(t)
-        return 0
 
     # -- generation --------------------------------------------------------------------------
 
@@ -468,22 +287,22 @@ cdef class Context:
         is full (see ``last_finish_reason``). The whole loop runs without the GIL.
         """
         cdef vector[llama_token] toks
-        cdef long long ticket = self._ticket()
         self._check()
-        self._prompt_tokens(prompt, toks)
+        cdef long long ticket = self.core.ticket()
+        self.model._prompt_tokens(prompt, toks)
         return self._generate(toks, max_tokens, params, ticket)
 
     def generate_from_tokens(self, tokens, max_tokens=100, params=None):
         """Like :meth:`generate`, from token ids (checked against the vocabulary)."""
         cdef vector[llama_token] toks
-        cdef long long ticket = self._ticket()
         self._check()
+        cdef long long ticket = self.core.ticket()
         self.model._tokens_to_vector(tokens, toks)
         return self._generate(toks, max_tokens, params, ticket)
 
     cdef str _generate(self, vector[llama_token] & toks, object max_tokens, object params, long long ticket):
         _check_int(max_tokens, "max_tokens", 0, 1 << 30)
-        cdef llama_sampler * smpl = _make_sampler(params, self.model._n_vocab, self._n_ctx)
+        cdef llama_sampler * smpl = _make_sampler(params, self.model._n_vocab, self.core.n_ctx)
         cdef string out
         cdef Gen g
         cdef Step rc = STEP_TOKEN
@@ -505,14 +324,12 @@ cdef class Context:
 
     cdef int _finish_gen(self, Gen * g, Step rc) except -1:
         self.last_finish_reason = _FINISH_NAMES.get(g.finish)
-        if rc == STEP_ABORTED:
-            self.last_finish_reason = "cancelled"
-            _raise_interrupt(&self.interrupt)
-            raise GenerationCancelled("generation was aborted")
         if rc == STEP_NO_LOGITS:
             raise self.model._no_logits_error()
-        if rc == STEP_FAILED:
-            raise decode_error(g.error, "decoding a generated token")
+        if rc == STEP_DECODE:
+            if g.decoded == DECODE_ABORTED:
+                self.last_finish_reason = "cancelled"
+            self.core.raise_for(g.decoded, "generation")
         return 0
 
     def generate_stream(self, prompt, max_tokens=100, params=None):
@@ -520,32 +337,42 @@ cdef class Context:
 
         Pieces never end inside a UTF-8 character. The stream owns the context until it is
         exhausted or closed; use it as a context manager (or call ``close()``) to stop early.
+        Bad arguments raise here, before any iteration.
 
         >>> with ctx.generate_stream("Once upon a time") as stream:   # doctest: +SKIP
         ...     for piece in stream:
         ...         print(piece, end="")
         """
         cdef vector[llama_token] toks
-        cdef long long ticket = self._ticket()
         self._check()
-        self._prompt_tokens(prompt, toks)
+        cdef long long ticket = self.core.ticket()
+        self.model._prompt_tokens(prompt, toks)
         _check_int(max_tokens, "max_tokens", 0, 1 << 30)
         return TokenStream._start(self, toks, max_tokens, params, ticket)
+
+    def stream(self, prompt, max_tokens=100, params=None):
+        """The same as :meth:`generate_stream`, under the name the async API uses."""
+        return self.generate_stream(prompt, max_tokens, params)
+
+    def stream_from_tokens(self, tokens, max_tokens=100, params=None):
+        """The same as :meth:`generate_stream_from_tokens`."""
+        return self.generate_stream_from_tokens(tokens, max_tokens, params)
 
     def generate_stream_from_tokens(self, tokens, max_tokens=100, params=None):
         """Like :meth:`generate_stream`, from token ids."""
         cdef vector[llama_token] toks
-        cdef long long ticket = self._ticket()
         self._check()
+        cdef long long ticket = self.core.ticket()
         self.model._tokens_to_vector(tokens, toks)
         _check_int(max_tokens, "max_tokens", 0, 1 << 30)
         return TokenStream._start(self, toks, max_tokens, params, ticket)
 
     def clear_cache(self):
         """Forget everything the context holds; the next prompt is decoded from scratch."""
-        self._enter(self._ticket())
+        self._check()
+        self._enter(self.core.ticket())
         try:
-            llama_memory_clear(llama_get_memory(self.ptr), True)
+            self.core.clear()
             self.hist.clear()
         finally:
             self._leave()
@@ -556,20 +383,20 @@ cdef class Context:
         for example with ``generate(prompt, max_tokens=0)``."""
         import numpy as np
         self._check()
-        if not self._embeddings:
+        if not self.core.embeddings:
             raise EmbeddingsDisabledError(
                 "this Context was created without embeddings=True; create it with "
                 "Context(model, embeddings=True) or use EmbeddingGenerator"
             )
         cdef const float * e
-        self._enter(self._ticket())
+        self._enter(self.core.ticket())
         try:
             if self.hist.size() == 0:
                 raise InvalidArgumentError("nothing has been decoded yet; call generate(prompt, max_tokens=0) first")
-            if self._pooling != LLAMA_POOLING_TYPE_NONE:
-                e = llama_get_embeddings_seq(self.ptr, 0)
+            if self.core.pooling != LLAMA_POOLING_TYPE_NONE:
+                e = llama_get_embeddings_seq(self.core.st.ctx, 0)
             else:
-                e = llama_get_embeddings_ith(self.ptr, -1)
+                e = llama_get_embeddings_ith(self.core.st.ctx, -1)
             if e == NULL:
                 raise InvalidArgumentError("no embeddings are available for the last decode")
             n = llama_model_n_embd_out(self.model.ptr)
@@ -612,7 +439,7 @@ cdef class TokenStream:
         ctx._check_fits(toks.size())   # bad prompts raise here, not at the first next()
         cdef TokenStream s = TokenStream.__new__(TokenStream)
         s._running = threading.Lock()
-        s.smpl = _make_sampler(params, ctx.model._n_vocab, ctx._n_ctx)
+        s.smpl = _make_sampler(params, ctx.model._n_vocab, ctx.core.n_ctx)
         s.ctx = ctx
         s.prompt = toks
         s.ticket = ticket
@@ -623,6 +450,19 @@ cdef class TokenStream:
         s.g.out = &s.out
         s.done = False
         return s
+
+    @property
+    def prompt_tokens(self):
+        return <int> self.prompt.size()
+
+    @property
+    def completion_tokens(self):
+        """Tokens generated so far."""
+        return self.g.n_generated
+
+    def read(self):
+        """The rest of the text, once the generation has ended."""
+        return "".join(self)
 
     def __iter__(self):
         return self
@@ -653,7 +493,7 @@ cdef class TokenStream:
             self._begin()
         else:
             self.ctx._owner = threading.current_thread()
-            self.ctx._arm_for_thread()
+            self.ctx.core.arm_for_thread()
         with nogil:
             while True:
                 rc = _gen_step(&self.g)
@@ -674,7 +514,7 @@ cdef class TokenStream:
         self.ctx._owner = threading.current_thread()
         self.started = True
         if self.cancel_requested:  # cancel() came before the context was ours
-            mullama_atomic_store(&self.ctx.interrupt.cancel, 1)
+            self.ctx.core.cancel_running()
         try:
             self.ctx._prepare(self.prompt)
         except GenerationCancelled:
@@ -686,7 +526,6 @@ cdef class TokenStream:
         except BaseException:
             self._end()
             raise
-        self.g.interrupt = &self.ctx.interrupt
         return 0
 
     cdef str _last_piece(self, Step rc):
@@ -741,7 +580,7 @@ cdef class TokenStream:
             return
         self.cancel_requested = True
         if self.started:
-            mullama_atomic_store(&self.ctx.interrupt.cancel, 1)
+            self.ctx.core.cancel_running()
 
     def __enter__(self):
         return self

@@ -32,7 +32,7 @@ from ._errors import (
     ModelLoadError,
     ModelNotFoundError,
     MullamaError,
-    decode_error,
+    decode_failure,
 )
 from ._params import SamplerParams
 
@@ -51,24 +51,6 @@ cdef extern from "_support.h" nogil:
     void mullama_logits_used(float * row)
     void mullama_set_decode_aborted(int v)
     int mullama_set_thread_slice(uint64_t ns)
-
-
-cdef enum:
-    # llama_decode's result for a decode its abort callback stopped (llama.h).
-    RC_DECODE_ABORTED = 2
-    # Not a llama_decode result: the mapped model file changed (see mullama_file_changed).
-    # _errors.decode_error knows it as MODEL_FILE_CHANGED.
-    RC_MODEL_FILE_CHANGED = -300
-
-
-cdef inline int _decode(llama_context * ctx, llama_batch * batch, const mullama_file_guard * guard) noexcept nogil:
-    """llama_decode, unless the model's mapped file has changed underneath it."""
-    cdef int rc
-    if mullama_file_changed(guard):
-        return RC_MODEL_FILE_CHANGED
-    rc = llama_decode(ctx, batch[0])
-    mullama_set_decode_aborted(0)
-    return rc
 
 
 cdef inline bint _sample(llama_sampler * smpl, llama_context * ctx, int idx, llama_token * tok) noexcept nogil:

@@ -49,13 +49,12 @@ cdef struct ESlot:
     bint sampled              # a token was generated this step
 
 
-cdef int _engine_step(llama_context * ctx, const llama_vocab * vocab, llama_batch * batch,
-                      ESlot * slots, int n_slots, vector[vector[llama_token]] & prompts,
-                      vector[string] & outs, int n_batch, int prompt_chunk, int n_ctx_seq,
-                      int * error, const mullama_file_guard * guard) noexcept nogil:
-    """One decode for all running slots. Returns the batch size (0: nothing to do). A failed
-    llama_decode leaves its result in *error and the slots in the batch unchanged."""
-    cdef int i, k, take, n = 0, rc
+cdef int _engine_step(NativeState * st, const llama_vocab * vocab, ESlot * slots, int n_slots,
+                      vector[vector[llama_token]] & prompts, vector[string] & outs, int n_batch,
+                      int prompt_chunk, int n_ctx_seq, Decoded * decoded) noexcept nogil:
+    """One decode for all running slots. Returns the batch size (0: nothing to do). A decode
+    that does not succeed leaves its status in *decoded and the slots in the batch unchanged."""
+    cdef int i, k, take, n = 0
     cdef ESlot * s
     cdef llama_token tok
     for i in range(n_slots):
@@ -73,11 +72,7 @@ cdef int _engine_step(llama_context * ctx, const llama_vocab * vocab, llama_batc
             s.finish = FINISH_CONTEXT
             s.state = SLOT_DONE
             continue
-        batch.token[n] = s.pending
-        batch.pos[n] = s.n_past
-        batch.n_seq_id[n] = 1
-        batch.seq_id[n][0] = i
-        batch.logits[n] = 1
+        _batch_put(st, n, s.pending, s.n_past, i, True)
         s.batch_idx = n
         s.step_take = 1
         n += 1
@@ -92,25 +87,19 @@ cdef int _engine_step(llama_context * ctx, const llama_vocab * vocab, llama_batc
         if take > n_batch - n:
             take = n_batch - n
         for k in range(take):
-            batch.token[n + k] = prompts[i][s.prompt_pos + k]
-            batch.pos[n + k] = s.prompt_pos + k
-            batch.n_seq_id[n + k] = 1
-            batch.seq_id[n + k][0] = i
-            batch.logits[n + k] = 0
+            _batch_put(st, n + k, prompts[i][s.prompt_pos + k], s.prompt_pos + k, i, False)
         if s.prompt_pos + take == s.n_prompt:
-            batch.logits[n + take - 1] = 1
+            st.batch.logits[n + take - 1] = 1
             s.batch_idx = n + take - 1
         s.step_take = take
         n += take
     if n == 0:
         return 0
-    batch.n_tokens = n
-    rc = _decode(ctx, batch, guard)
-    error[0] = rc
-    if rc != 0:
+    decoded[0] = _native_decode(st, n)
+    if decoded[0] != DECODED:
         for i in range(n_slots):
             if slots[i].step_take > 0:
-                llama_memory_seq_rm(llama_get_memory(ctx), i, slots[i].n_past, -1)
+                _seq_rm(st, i, slots[i].n_past, -1)
         return n
     for i in range(n_slots):
         s = &slots[i]
@@ -125,7 +114,7 @@ cdef int _engine_step(llama_context * ctx, const llama_vocab * vocab, llama_batc
             s.finish = FINISH_LENGTH
             s.state = SLOT_DONE
             continue
-        if not _sample(s.smpl, ctx, s.batch_idx, &tok):
+        if not _sample(s.smpl, st.ctx, s.batch_idx, &tok):
             s.finish = FINISH_NO_LOGITS
             s.state = SLOT_DONE
             continue
@@ -154,7 +143,7 @@ cdef class Engine:
     ...     print(engine.generate("The capital of France is", 8))
     """
 
-    cdef Context ctx                 # owns the llama_context; keeps the model alive
+    cdef _NativeContext core          # owns the llama_context; keeps the model alive
     cdef ESlot * slots
     cdef int n_slots
     cdef vector[vector[llama_token]] prompts
@@ -185,13 +174,13 @@ cdef class Engine:
             n_ctx = n_parallel * min(2048, max(8, model.n_ctx_train))
         _check_int(n_ctx, "n_ctx", n_parallel * 8, 1 << 24)
         _check_int(n_batch, "n_batch", max(n_parallel, 8), 1 << 16)
-        self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_seq_max=n_parallel)
-        if llama_get_memory(self.ctx.ptr) == NULL:   # encoder-only: no logits to sample
-            self.ctx.close()
+        self.core = _NativeContext.open(model, n_ctx, n_batch, n_threads, False, n_parallel, None, {}, None)
+        if not self.core.has_memory():   # encoder-only: no logits to sample
+            self.core.free()
             raise model._no_logits_error()
         self.n_parallel = n_parallel
         self.n_slots = n_parallel
-        self._n_ctx_seq = llama_n_ctx_seq(self.ctx.ptr)
+        self._n_ctx_seq = llama_n_ctx_seq(self.core.st.ctx)
         if prompt_chunk is None:
             prompt_chunk = max(32, n_batch // 2)
         self.prompt_chunk = _check_int(prompt_chunk, "prompt_chunk", 1, n_batch)
@@ -222,7 +211,11 @@ cdef class Engine:
 
     @property
     def model(self):
-        return self.ctx.model
+        return self.core.model
+
+    @property
+    def closed(self):
+        return self.thread is None
 
     # -- submission (any thread) ---------------------------------------------------------------
 
@@ -234,9 +227,9 @@ cdef class Engine:
         _check_int(capacity, "buffer", 1, 1 << 30)
         cdef vector[llama_token] toks
         if tokens is None:
-            self.ctx._prompt_tokens(prompt, toks)
+            self.core.model._prompt_tokens(prompt, toks)
         else:
-            self.ctx.model._tokens_to_vector(tokens, toks)
+            self.core.model._tokens_to_vector(tokens, toks)
         if toks.size() == 0:
             raise InvalidArgumentError("prompt is empty; give at least one token of text")
         if <int> toks.size() > self._n_ctx_seq:
@@ -292,12 +285,12 @@ cdef class Engine:
 
     def _run(self):
         """Serve requests until there are none (returns True) or the engine closes (False)."""
-        cdef int rc, i, err = 0
-        cdef llama_context * cptr = self.ctx.ptr
-        cdef const llama_vocab * vocab = self.ctx.model.vocab
-        cdef llama_batch * batch = &self.ctx.batch
-        cdef int n_batch = self.ctx._n_batch
-        self.ctx._arm_for_thread()   # this thread polls no signals: only the main thread gets them
+        cdef int rc, i
+        cdef Decoded decoded = DECODED
+        cdef NativeState * st = &self.core.st
+        cdef const llama_vocab * vocab = self.core.model.vocab
+        cdef int n_batch = self.core.n_batch
+        self.core.arm_for_thread()   # this thread polls no signals: only the main thread gets them
         while not self.closing:
             self.kick.clear()   # before looking for work: a later set() wakes the thread's wait
             self._admit()
@@ -309,13 +302,12 @@ cdef class Engine:
                 r = self.requests[i]
                 self.slots[i].paused = r is not None and r.full
             with nogil:
-                rc = _engine_step(cptr, vocab, batch, self.slots, self.n_slots, self.prompts, self.outs,
-                                  n_batch, self.prompt_chunk, self._n_ctx_seq, &err,
-                                  &self.ctx.model.guard)
+                rc = _engine_step(st, vocab, self.slots, self.n_slots, self.prompts, self.outs,
+                                  n_batch, self.prompt_chunk, self._n_ctx_seq, &decoded)
             self._steps += 1
-            if err != 0:
-                self._fail_batch(err)
-                err = 0
+            if decoded != DECODED:
+                self._fail_batch(decoded)
+                decoded = DECODED
                 continue
             self._deliver()
             if rc == 0:
@@ -345,7 +337,7 @@ cdef class Engine:
                     break
                 req.finish("cancelled", GenerationCancelled("the request was cancelled"))
             try:
-                self.slots[i].smpl = _make_sampler(req.params, self.ctx.model._n_vocab, self._n_ctx_seq)
+                self.slots[i].smpl = _make_sampler(req.params, self.core.model._n_vocab, self._n_ctx_seq)
             except BaseException as exc:
                 req.finish(None, exc)
                 continue
@@ -363,7 +355,7 @@ cdef class Engine:
             s.n_generated = 0
             s.pending = -1
             s.finish = FINISH_NONE
-            llama_memory_seq_rm(llama_get_memory(self.ctx.ptr), i, -1, -1)
+            _seq_rm(&self.core.st, i, -1, -1)
             req.slot = i
             self.requests[i] = req
 
@@ -393,7 +385,7 @@ cdef class Engine:
             llama_sampler_free(self.slots[i].smpl)
             self.slots[i].smpl = NULL
         self.slots[i].state = SLOT_FREE
-        llama_memory_seq_rm(llama_get_memory(self.ctx.ptr), i, -1, -1)
+        _seq_rm(&self.core.st, i, -1, -1)
         self.outs[i].clear()
         self.prompts[i].clear()
         if r is not None:
@@ -413,8 +405,9 @@ cdef class Engine:
                 continue
             if s.sampled:
                 produced += 1
+                r.completion_tokens = s.n_generated
             if s.state == SLOT_DONE and s.finish == FINISH_NO_LOGITS:
-                self._free_slot(i, None, self.ctx.model._no_logits_error())
+                self._free_slot(i, None, self.core.model._no_logits_error())
                 continue
             if s.state == SLOT_DONE:
                 if self.outs[i].size():
@@ -428,15 +421,15 @@ cdef class Engine:
         self._generated_total += produced
         self._done_times.append((_time.monotonic(), produced))
 
-    cdef void _fail_batch(self, int rc):
+    cdef void _fail_batch(self, Decoded decoded):
         cdef int i
-        if rc == RC_DECODE_ABORTED:
-            # Only close() aborts an engine decode: the requests end as the close says.
-            error = ClosedError("the Engine was closed")
         for i in range(self.n_slots):
             if self.requests[i] is not None and self.slots[i].step_take > 0:
-                if rc != RC_DECODE_ABORTED:
-                    error = decode_error(rc, "decoding an engine batch")
+                if decoded == DECODE_ABORTED:
+                    # Only close() aborts an engine decode: the requests end as the close says.
+                    error = ClosedError("the Engine was closed")
+                else:
+                    error = self.core.failure(decoded, "decoding an engine batch")
                 self._free_slot(i, None, error)
 
     # -- lifetime --------------------------------------------------------------------------------
@@ -447,12 +440,12 @@ cdef class Engine:
             return
         with self.qlock:
             self.closing = True
-        self.ctx.cancel()   # a long prompt decode stops within one ggml node, not at its end
+        self.core.cancel_running()   # a long prompt decode stops within one ggml node, not at its end
         self.kick.set()
         if self.thread is not threading.current_thread():
             self.thread.join()
         self.thread = None
-        self.ctx.close()
+        self.core.free()
 
     def __enter__(self):
         return self

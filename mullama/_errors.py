@@ -43,7 +43,7 @@ __all__ = [
     "ChatTemplateError",
     "GenerationCancelled",
     "ModelFileChangedError",
-    "decode_error",
+    "decode_failure",
 ]
 
 
@@ -118,27 +118,26 @@ class ModelFileChangedError(MullamaError, RuntimeError):
     process die of SIGBUS. Replacing the file by rename is safe; see :meth:`Model.load`."""
 
 
-# Not a llama_decode result: mullama's own, for a decode refused because the model file changed.
-MODEL_FILE_CHANGED = -300
-
-# llama_decode's documented results (llama.h): the one place they become exceptions.
-_DECODE_RESULTS = {
-    1: (DecodeError, "no free slot in the context's memory for the batch; use a larger n_ctx or call clear_cache()"),
-    -1: (InvalidArgumentError, "llama.cpp rejected the batch as invalid (token id, position or sequence id)"),
-    MODEL_FILE_CHANGED: (
+# How each decode failure of mullama's native layer (_native.pxi) reads: the one table.
+_DECODE_FAILURES = {
+    "no_slot": (DecodeError, "no free slot in the context's memory for the batch; use a larger n_ctx or call clear_cache()"),
+    "invalid": (InvalidArgumentError, "llama.cpp rejected the batch as invalid (token id, position or sequence id)"),
+    "file_changed": (
         ModelFileChangedError,
         "the memory-mapped model file was truncated or rewritten in place since it was loaded; "
         "reading its weights now could kill the process (SIGBUS). Load it again; replace model "
         "files by rename, or load with use_mmap=False where they are rewritten in place",
     ),
+    "failed": (DecodeError, "the backend failed to compute the batch"),
 }
 
 
-def decode_error(code: int, what: str) -> MullamaError:
-    """Map a non-zero, non-abort result of llama_decode/llama_encode to an exception."""
-    cls, why = _DECODE_RESULTS.get(code, (DecodeError, "the backend failed to compute the batch"))
+def decode_failure(kind: str, code: int, what: str) -> MullamaError:
+    """The exception for a failed decode of kind (a key of the table above); code is
+    llama_decode's own result, named in the message."""
+    cls, why = _DECODE_FAILURES[kind]
+    if kind == "file_changed":
+        return cls(f"{what}: {why}")
     if cls is DecodeError:
         return DecodeError(f"{what}: llama_decode returned {code}: {why}", code)
-    if code == MODEL_FILE_CHANGED:
-        return cls(f"{what}: {why}")
     return cls(f"{what}: llama_decode returned {code}: {why}")

@@ -3,11 +3,12 @@
 """mullama's native core: Model, Context and EmbeddingGenerator over llama.cpp.
 
 Split by concern into include files: _core.pxi (logging, errors, interrupts, helpers),
-_model.pxi, _sampling.pxi, _context.pxi (the nogil generation loop), _embedding.pxi and _engine.pxi (continuous batching).
+_model.pxi, _native.pxi (the one owner of a llama_context and its nogil decode layer), _sampling.pxi, _context.pxi (the nogil generation loop), _embedding.pxi and _engine.pxi (continuous batching).
 """
 
 include "_core.pxi"
 include "_model.pxi"
+include "_native.pxi"
 include "_sampling.pxi"
 include "_context.pxi"
 include "_embedding.pxi"

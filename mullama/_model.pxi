@@ -385,6 +385,18 @@ cdef class Model:
             raise InvalidArgumentError(f"text of {length} bytes could not be tokenized (result too large)")
         return [toks[i] for i in range(n)]
 
+    cdef int _prompt_tokens(self, object prompt, vector[llama_token] & toks) except -1:
+        """A prompt's tokens (BOS added, special tokens parsed), checked to be a non-empty str."""
+        if not isinstance(prompt, str):
+            raise InvalidArgumentError(f"prompt must be a str, got {type(prompt).__name__}")
+        if not prompt:
+            raise InvalidArgumentError("prompt is empty; give some text to complete")
+        cdef list ids = self._tokenize_bytes(_utf8(prompt, "prompt"), True, True)
+        toks.clear()
+        for t in ids:
+            toks.push_back(t)
+        return 0
+
     cdef int _tokens_to_vector(self, object tokens, vector[llama_token] & out) except -1:
         """Validate token ids against the vocabulary and copy them into a C vector."""
         if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):

@@ -276,6 +276,23 @@ class AsyncTokenStream:
         """"stop", "length", "context" or "cancelled" once the stream has ended."""
         return self._sync.finish_reason
 
+    @property
+    def prompt_tokens(self) -> int:
+        return self._sync.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far."""
+        return self._sync.completion_tokens
+
+    def cancel(self) -> None:
+        """Stop the native loop within one token; iterating then raises GenerationCancelled."""
+        self._sync.cancel()
+
+    async def aread(self) -> str:
+        """The rest of the text, once the generation has ended."""
+        return "".join([piece async for piece in self])
+
     async def _start(self) -> _Channel:
         if self._chan is not None:
             return self._chan
@@ -359,8 +376,17 @@ class AsyncContext(_LoopBound):
     ``aclose()``) stops any stream still open on it first.
     """
 
-    def __init__(self, model: Model, **context_params: Any) -> None:
-        self.context = Context(model, **context_params)
+    def __init__(self, model: Model, *, n_ctx: int = 0, n_batch: int = 2048, n_threads: int = 0,
+                 embeddings: bool = False, n_seq_max: int = 1, flash_attn: bool | None = None,
+                 rope_scaling: str | None = None, rope_freq_base: float | None = None,
+                 rope_freq_scale: float | None = None, yarn_ext_factor: float | None = None,
+                 yarn_attn_factor: float | None = None, yarn_beta_fast: float | None = None,
+                 yarn_beta_slow: float | None = None, yarn_orig_ctx: int | None = None) -> None:
+        self.context = Context(
+            model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, embeddings=embeddings, n_seq_max=n_seq_max,
+            flash_attn=flash_attn, rope_scaling=rope_scaling, rope_freq_base=rope_freq_base,  # type: ignore[arg-type]
+            rope_freq_scale=rope_freq_scale, yarn_ext_factor=yarn_ext_factor, yarn_attn_factor=yarn_attn_factor,
+            yarn_beta_fast=yarn_beta_fast, yarn_beta_slow=yarn_beta_slow, yarn_orig_ctx=yarn_orig_ctx)
         self._gate = _Turnstile()
         self._streams: set[_Channel] = set()   # started and not yet handed back
 
@@ -375,6 +401,38 @@ class AsyncContext(_LoopBound):
     @property
     def n_batch(self) -> int:
         return self.context.n_batch
+
+    @property
+    def n_threads(self) -> int:
+        return self.context.n_threads
+
+    @property
+    def n_past(self) -> int:
+        return self.context.n_past
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        return self.context.cached_tokens
+
+    @property
+    def closed(self) -> bool:
+        return self.context.closed
+
+    @property
+    def last_finish_reason(self) -> str | None:
+        return self.context.last_finish_reason
+
+    @property
+    def last_reused_tokens(self) -> int:
+        return self.context.last_reused_tokens
+
+    @property
+    def last_evaluated_tokens(self) -> int:
+        return self.context.last_evaluated_tokens
+
+    @property
+    def total_evaluated_tokens(self) -> int:
+        return self.context.total_evaluated_tokens
 
     @property
     def busy(self) -> bool:
@@ -417,6 +475,10 @@ class AsyncContext(_LoopBound):
         _check_buffer(buffer)
         return AsyncTokenStream(self, self.context.generate_stream_from_tokens(tokens, max_tokens, params), buffer)
 
+    # The names of the original API, as on Context.
+    generate_stream = stream
+    generate_stream_from_tokens = stream_from_tokens
+
     async def clear_cache(self) -> None:
         await self._call(self.context.clear_cache)
 
@@ -441,13 +503,31 @@ class AsyncContext(_LoopBound):
 class AsyncEmbeddingGenerator(_LoopBound):
     """The async twin of :class:`mullama.EmbeddingGenerator`."""
 
-    def __init__(self, model: Model, n_ctx: int = 512, normalize: bool = True, **params: Any) -> None:
-        self.generator = EmbeddingGenerator(model, n_ctx, normalize, **params)
+    def __init__(self, model: Model, n_ctx: int = 512, normalize: bool = True, *, n_threads: int = 0,
+                 n_seq_max: int = 64, flash_attn: bool | None = None) -> None:
+        self.generator = EmbeddingGenerator(model, n_ctx, normalize, n_threads=n_threads, n_seq_max=n_seq_max,
+                                            flash_attn=flash_attn)
         self._gate = _Turnstile()
 
     @property
     def n_embd(self) -> int:
         return self.generator.n_embd
+
+    @property
+    def model(self) -> Model:
+        return self.generator.model
+
+    @property
+    def normalize(self) -> bool:
+        return self.generator.normalize
+
+    @property
+    def closed(self) -> bool:
+        return self.generator.closed
+
+    def cancel(self) -> None:
+        """Stop the embed_batch running now (it raises GenerationCancelled)."""
+        self.generator.cancel()
 
     async def embed(self, text: str) -> Any:
         return (await self.embed_batch([text]))[0]
@@ -455,7 +535,7 @@ class AsyncEmbeddingGenerator(_LoopBound):
     async def embed_batch(self, texts: Sequence[str]) -> Any:
         self._bind_loop()
         async with self._gate:
-            return await _run_in_thread(lambda: self.generator.embed_batch(texts), self.generator.context.cancel)
+            return await _run_in_thread(lambda: self.generator.embed_batch(texts), self.generator.cancel)
 
     async def aclose(self) -> None:
         self._bind_loop()
@@ -485,6 +565,20 @@ class AsyncEngineStream:
     @property
     def finish_reason(self) -> str | None:
         return self._request.finish_reason if self._request is not None else None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._request.tokens) if self._request is not None else 0
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far."""
+        return self._request.completion_tokens if self._request is not None else 0
+
+    def cancel(self) -> None:
+        """Stop the request at the engine's next step; iterating then ends."""
+        if self._request is not None:
+            self._request.cancel()
 
     def __aiter__(self) -> AsyncEngineStream:
         return self
@@ -565,8 +659,10 @@ class AsyncEngineStream:
 class AsyncEngine(_LoopBound):
     """The async front of :class:`mullama.Engine`: many concurrent streams over one model."""
 
-    def __init__(self, model: Model, **engine_params: Any) -> None:
-        self.engine = Engine(model, **engine_params)
+    def __init__(self, model: Model, *, n_parallel: int = 8, n_ctx: int | None = None, n_batch: int = 512,
+                 n_threads: int = 0, prompt_chunk: int | None = None, nice: int = 0) -> None:
+        self.engine = Engine(model, n_parallel=n_parallel, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                             prompt_chunk=prompt_chunk, nice=nice)
 
     @property
     def model(self) -> Model:
@@ -575,6 +671,14 @@ class AsyncEngine(_LoopBound):
     @property
     def n_parallel(self) -> int:
         return self.engine.n_parallel
+
+    @property
+    def n_ctx_per_sequence(self) -> int:
+        return self.engine.n_ctx_per_sequence
+
+    @property
+    def closed(self) -> bool:
+        return self.engine.closed
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +71,31 @@ def test_cli_reports_a_bad_model_path(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mullama", "generate", "hi", "-m", str(tmp_path / "x.gguf")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "not found" in proc.stderr
+
+
+def _readme_pairs() -> list[tuple[str, str]]:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Sync and async, name for name", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `([\w.]+)` \| `([\w.]+)` \|$", section, flags=re.M)
+
+
+def _public(cls: type) -> set[str]:
+    return {n for n in dir(cls) if not n.startswith("_")}
+
+
+def test_readme_sync_async_table_matches_both_modules():
+    import mullama.aio
+
+    pairs = _readme_pairs()
+    assert ("Model.load", "load_model") in pairs
+    classes: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for sync, asyn in pairs:
+        if "." in asyn:
+            (sc, sn), (ac, an) = sync.split("."), asyn.split(".")
+            classes.setdefault((sc, ac), []).append((sn, an))
+    assert len(classes) == 5
+    for (sc, ac), names in classes.items():
+        sync_cls, async_cls = getattr(mullama, sc), getattr(mullama.aio, ac)
+        assert {s for s, _ in names} == _public(sync_cls), f"{sc}: README and dir() differ"
+        assert {a for _, a in names} == _public(async_cls), f"{ac}: README and dir() differ"
+    assert set(mullama.aio.__all__) == {"load_model"} | {ac for _, ac in classes}

@@ -1,0 +1,279 @@
+# _NativeContext: the one owner of a llama_context, its batch and its interrupt flag, and the
+# typed nogil layer (batch filling, decode with mullama's own status) that the Context, Engine
+# and EmbeddingGenerator loops are written against. None of them touches another's fields.
+
+# What a decode did, in mullama's own numbers; llama_decode's result stays in NativeState.rc
+# for the message.
+cdef enum Decoded:
+    DECODED = 100
+    DECODE_ABORTED = 101        # cancel() or a signal, through the abort callback
+    DECODE_NO_SLOT = 102        # no room in the memory (llama_decode: 1)
+    DECODE_INVALID = 103        # a batch llama.cpp refused (llama_decode: -1)
+    DECODE_FILE_CHANGED = 104   # the mapped model file changed: nothing was decoded
+    DECODE_FAILED = 105         # any other failure of the backend
+
+# The names _errors.decode_failure knows them by.
+_DECODE_FAILURES = {DECODE_NO_SLOT: "no_slot", DECODE_INVALID: "invalid",
+                    DECODE_FILE_CHANGED: "file_changed", DECODE_FAILED: "failed"}
+
+
+cdef struct NativeState:
+    llama_context * ctx
+    llama_batch batch
+    Interrupt interrupt
+    const mullama_file_guard * guard
+    int rc                      # llama_decode's result of the last decode
+
+
+cdef inline void _batch_put(NativeState * st, int i, llama_token tok, llama_pos pos, llama_seq_id seq,
+                            bint logits) noexcept nogil:
+    """Put one token at row i of the batch."""
+    st.batch.token[i] = tok
+    st.batch.pos[i] = pos
+    st.batch.n_seq_id[i] = 1
+    st.batch.seq_id[i][0] = seq
+    st.batch.logits[i] = logits
+
+
+cdef Decoded _native_decode(NativeState * st, int n) noexcept nogil:
+    """Decode the first n rows of the batch, unless the model's mapped file has changed."""
+    st.batch.n_tokens = n
+    st.rc = 0
+    if mullama_file_changed(st.guard):
+        return DECODE_FILE_CHANGED
+    st.rc = llama_decode(st.ctx, st.batch)
+    mullama_set_decode_aborted(0)
+    if st.rc == 0:
+        return DECODED
+    if st.rc == 2:
+        return DECODE_ABORTED
+    if st.rc == 1:
+        return DECODE_NO_SLOT
+    if st.rc == -1:
+        return DECODE_INVALID
+    return DECODE_FAILED
+
+
+cdef inline void _seq_rm(NativeState * st, int seq, int p0, int p1) noexcept nogil:
+    llama_memory_seq_rm(llama_get_memory(st.ctx), seq, p0, p1)
+
+
+cdef dict _rope_settings(dict given):
+    return {k: v for k, v in given.items() if v is not None}
+
+
+@cython.no_gc_clear   # __dealloc__ releases the model: the cycle collector must not clear it first
+cdef class _NativeContext:
+    """Owns one llama_context with its batch and interrupt; freed once, by close() or collection."""
+
+    cdef NativeState st
+    cdef readonly Model model        # keeps the model (its weights, vocabulary, file guard) alive
+    cdef bint batch_ready
+    cdef int n_ctx
+    cdef int n_batch
+    cdef int n_seq_max
+    cdef int n_threads
+    cdef int pooling
+    cdef bint embeddings
+    cdef long long calls             # generations started so far (each takes the next number)
+    cdef long long cancel_upto       # cancel() covers the generations numbered up to this
+
+    def __cinit__(self):
+        self.st.ctx = NULL
+        self.batch_ready = False
+
+    @staticmethod
+    cdef _NativeContext open(Model model, object n_ctx, object n_batch, object n_threads, bint embeddings,
+                            object n_seq_max, object flash_attn, dict rope, object pooling):
+        """Check the settings by name and create the context; ContextCreateError if llama.cpp can't."""
+        cdef llama_context_params p = _context_params(model, n_ctx, n_batch, n_threads, embeddings, n_seq_max,
+                                                      flash_attn, rope, pooling)
+        cdef _NativeContext c = _NativeContext.__new__(_NativeContext)
+        p.abort_callback = _abort_callback
+        p.abort_callback_data = &c.st.interrupt
+        _arm_interrupt(&c.st.interrupt, False)
+        mark = _log_mark()
+        cdef llama_context * ptr
+        with nogil:
+            ptr = llama_init_from_model(model.ptr, p)
+        if ptr == NULL:
+            why = _log_since(mark, logging.ERROR) or _log_since(mark)
+            raise ContextCreateError(
+                f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: "
+                + ("; ".join(why[-3:]) if why else "no reason was logged")
+                + "; try a smaller n_ctx or n_batch"
+            )
+        c.st.ctx = ptr
+        c.st.guard = &model.guard
+        c.model = model
+        model._acquire()
+        c.n_ctx = llama_n_ctx(ptr)
+        c.n_batch = llama_n_batch(ptr)
+        c.n_seq_max = p.n_seq_max
+        c.n_threads = p.n_threads
+        c.embeddings = embeddings
+        c.pooling = <int> llama_get_pooling_type(ptr)
+        cdef float * rows = llama_get_logits(ptr)
+        if rows != NULL and not embeddings:
+            for i in range(c.n_seq_max):
+                mullama_logits_used(rows + <size_t> i * model._n_vocab)
+        c.st.batch = llama_batch_init(c.n_batch, 0, 1)
+        c.batch_ready = True
+        return c
+
+    # -- cancels and signals -----------------------------------------------------------------
+
+    cdef long long ticket(self):
+        """Number a generation as it starts, so that a cancel() from then on covers it."""
+        self.calls += 1
+        return self.calls
+
+    cdef void arm(self, long long ticket):
+        """Ready the interrupt for generation `ticket`, cancelled already if a cancel() covers it."""
+        _arm_interrupt(&self.st.interrupt, ticket <= self.cancel_upto)
+
+    cdef void arm_for_thread(self):
+        """Ready signal polling for a native loop in the calling thread; a cancel stays."""
+        _arm_signals(&self.st.interrupt)
+
+    cdef void cancel(self):
+        """Stop every generation started so far, within one token (any thread)."""
+        if self.st.ctx != NULL:
+            self.cancel_upto = self.calls
+            mullama_atomic_store(&self.st.interrupt.cancel, 1)
+
+    cdef void cancel_running(self):
+        """Stop the generation running now, and only it."""
+        mullama_atomic_store(&self.st.interrupt.cancel, 1)
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    cdef bint has_memory(self):
+        """False for an encoder-only model: its decode runs the encoder and leaves no logits."""
+        return llama_get_memory(self.st.ctx) != NULL
+
+    cdef void clear(self):
+        llama_memory_clear(llama_get_memory(self.st.ctx), True)
+
+    cdef int raise_for(self, Decoded d, str what) except -1:
+        """The one place a decode status becomes an exception (the table is in _errors)."""
+        if d == DECODED:
+            return 0
+        if d == DECODE_ABORTED:
+            _raise_interrupt(&self.st.interrupt)
+            raise GenerationCancelled(f"{what} was cancelled")
+        raise self.failure(d, what)
+
+    cdef object failure(self, Decoded d, str what):
+        """The exception for a failed (not aborted) decode."""
+        return decode_failure(_DECODE_FAILURES[d], self.st.rc, what)
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    cdef int check(self) except -1:
+        if self.st.ctx == NULL:
+            raise ClosedError("this context is closed")
+        return 0
+
+    cdef void free(self):
+        if self.st.ctx != NULL:
+            llama_free(self.st.ctx)
+            self.st.ctx = NULL
+            self.model._release()
+        if self.batch_ready:
+            llama_batch_free(self.st.batch)
+            self.batch_ready = False
+
+    def __dealloc__(self):
+        self.free()    # no_gc_clear: model is still set here
+
+
+cdef llama_context_params _context_params(Model model, object n_ctx, object n_batch, object n_threads,
+                                          bint embeddings, object n_seq_max, object flash_attn, dict rope,
+                                          object pooling) except *:
+    """The llama_context_params for these settings, each checked by name."""
+    model._check()
+    if model._vocab_only:
+        raise InvalidArgumentError(
+            f"model {model.path!r} was loaded with vocab_only=True: it has no weights to compute "
+            "with, so it cannot have a context; load it again without vocab_only"
+        )
+    _check_int(n_ctx, "n_ctx", 0, 1 << 24)
+    if n_ctx == 0 and not 0 < model.n_ctx_train <= 1 << 24:
+        raise ContextCreateError(
+            f"n_ctx=0 takes the model's training context, {model.n_ctx_train} tokens, "
+            f"outside the 1..{1 << 24} a Context can hold; pass n_ctx"
+        )
+    _check_int(n_batch, "n_batch", 1, 1 << 20)
+    _check_int(n_threads, "n_threads", 0, 1024)
+    _check_int(n_seq_max, "n_seq_max", 1, llama_max_parallel_sequences())
+    cdef llama_context_params p = llama_context_default_params()
+    rope = _rope_settings(rope)
+    _set_rope(&p, rope)
+    # Each sequence has n_ctx / n_seq_max cells, unless they share them (embeddings).
+    _check_fits_training(model, (n_ctx or model.n_ctx_train) // (1 if embeddings else n_seq_max), bool(rope))
+    p.n_ctx = n_ctx
+    p.n_batch = n_batch
+    p.n_seq_max = n_seq_max
+    p.n_threads = n_threads or _default_threads()
+    p.n_threads_batch = p.n_threads
+    p.embeddings = embeddings
+    p.no_perf = True
+    if flash_attn is not None:
+        # llama.cpp's default (auto) turns it on for the CPU: faster on long prompts, slower
+        # on batches of a few tokens (a chat's new turn); see BENCHMARKS.md.
+        p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else LLAMA_FLASH_ATTN_TYPE_DISABLED
+    if embeddings:
+        # Non-causal models must see a whole sequence in one micro-batch, and the texts of
+        # one embedding batch share the cache cells instead of n_ctx / n_seq_max each.
+        p.n_ubatch = n_batch
+        p.kv_unified = True
+    if pooling is not None:
+        p.pooling_type = <llama_pooling_type> <int> pooling
+    return p
+
+
+_ROPE_SCALING = {"none": LLAMA_ROPE_SCALING_TYPE_NONE, "linear": LLAMA_ROPE_SCALING_TYPE_LINEAR,
+                 "yarn": LLAMA_ROPE_SCALING_TYPE_YARN, "longrope": LLAMA_ROPE_SCALING_TYPE_LONGROPE}
+
+
+cdef int _set_rope(llama_context_params * p, dict rope) except -1:
+    """RoPE scaling settings (absent = the model's own) into p, checked by name."""
+    for name, value in rope.items():
+        if name == "rope_scaling":
+            if value not in _ROPE_SCALING:
+                raise InvalidArgumentError(f"rope_scaling={value!r} must be one of {sorted(_ROPE_SCALING)} or None")
+            p.rope_scaling_type = <llama_rope_scaling_type> <int> _ROPE_SCALING[value]
+            continue
+        if name == "yarn_orig_ctx":
+            p.yarn_orig_ctx = _check_int(value, name, 0, 1 << 24)
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (value <= 0 and name in ("rope_freq_base", "rope_freq_scale")):
+            raise InvalidArgumentError(f"{name}={value!r} must be a finite number (> 0 for rope_freq_*)")
+        if name == "rope_freq_base":
+            p.rope_freq_base = value
+        elif name == "rope_freq_scale":
+            p.rope_freq_scale = value
+        elif name == "yarn_ext_factor":
+            p.yarn_ext_factor = value
+        elif name == "yarn_attn_factor":
+            p.yarn_attn_factor = value
+        elif name == "yarn_beta_fast":
+            p.yarn_beta_fast = value
+        else:
+            p.yarn_beta_slow = value
+    return 0
+
+
+cdef int _check_fits_training(Model model, long per_seq, bint rope_set) except -1:
+    """A sequence longer than the model was trained on gives garbage unless RoPE is scaled on
+    purpose (the original docs' "Context too large" error)."""
+    cdef long train = model.n_ctx_train
+    if per_seq > train and not rope_set:
+        raise ContextOverflowError(
+            f"a context of {per_seq} tokens per sequence is larger than the {train} tokens model "
+            f"{model.path!r} was trained with; reduce n_ctx to within n_ctx_train, or extend the "
+            "context on purpose with rope_scaling / rope_freq_scale (and the yarn_* settings)"
+        )
+    return 0
