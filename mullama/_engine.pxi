@@ -130,7 +130,6 @@ cdef int _engine_step(NativeState * st, const llama_vocab * vocab, ESlot * slots
     return n
 
 
-@cython.no_gc_clear   # __dealloc__ wakes the engine thread through kick
 cdef class Engine:
     """Continuous batching: one model, many concurrent requests, one decode per step.
 
