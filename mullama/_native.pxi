@@ -58,10 +58,6 @@ cdef inline void _seq_rm(NativeState * st, int seq, int p0, int p1) noexcept nog
     llama_memory_seq_rm(llama_get_memory(st.ctx), seq, p0, p1)
 
 
-cdef dict _rope_settings(dict given):
-    return {k: v for k, v in given.items() if v is not None}
-
-
 @cython.no_gc_clear   # __dealloc__ releases the model: the cycle collector must not clear it first
 cdef class _NativeContext:
     """Owns one llama_context with its batch and interrupt; freed once, by close() or collection."""
@@ -208,7 +204,7 @@ cdef llama_context_params _context_params(Model model, object n_ctx, object n_ba
     _check_int(n_threads, "n_threads", 0, 1024)
     _check_int(n_seq_max, "n_seq_max", 1, llama_max_parallel_sequences())
     cdef llama_context_params p = llama_context_default_params()
-    rope = _rope_settings(rope)
+    rope = {k: v for k, v in rope.items() if v is not None}   # None: the model's own
     _set_rope(&p, rope)
     # Each sequence has n_ctx / n_seq_max cells, unless they share them (embeddings).
     _check_fits_training(model, (n_ctx or model.n_ctx_train) // (1 if embeddings else n_seq_max), bool(rope))
