@@ -35,8 +35,9 @@ PIN_VERSION = "0.3.36"
 PIN_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 PIN_PREFIX = f"llama_cpp_python-{PIN_VERSION}/vendor/llama.cpp/"
 
-# The source that matters for the libraries; models/, docs, tools and tests do not change them.
-HASHED_SOURCES = ("CMakeLists.txt", "cmake", "ggml", "src", "include")
+# The source that matters for the libraries; models/, docs and tests do not change them. tools/
+# is there for the programs built on demand from the same build (llama-server, rpc-server).
+HASHED_SOURCES = ("CMakeLists.txt", "cmake", "ggml", "src", "include", "common", "vendor", "tools")
 
 KNOWN_SETTINGS = {
     "MULLAMA_LLAMA_CPP_DIR",
@@ -127,17 +128,24 @@ class Settings:
             "-DCMAKE_BUILD_TYPE=Release",
             "-DBUILD_SHARED_LIBS=OFF",
             "-DCMAKE_POSITION_INDEPENDENT_CODE=ON",
-            "-DLLAMA_BUILD_COMMON=OFF",
+            # common: JSON schema -> grammar and chat templates. Tools and server are configured
+            # so that llama-server and rpc-server can be built from this same tree on demand
+            # (build_tool); the libraries alone are built by default.
+            "-DLLAMA_BUILD_COMMON=ON",
             "-DLLAMA_BUILD_TESTS=OFF",
-            "-DLLAMA_BUILD_TOOLS=OFF",
+            "-DLLAMA_BUILD_TOOLS=ON",
             "-DLLAMA_BUILD_EXAMPLES=OFF",
-            "-DLLAMA_BUILD_SERVER=OFF",
+            "-DLLAMA_BUILD_SERVER=ON",
+            "-DLLAMA_BUILD_UI=OFF",
+            "-DLLAMA_USE_PREBUILT_UI=OFF",
             "-DLLAMA_BUILD_APP=OFF",
             "-DLLAMA_CURL=OFF",
             "-DLLAMA_OPENSSL=OFF",
             # ggml's own thread pool: no libgomp at run time, and no worker threads left
             # behind in the user's process after a context closes.
             "-DGGML_OPENMP=OFF",
+            # The RPC backend: layers on other machines' rpc-server processes.
+            "-DGGML_RPC=ON",
             f"-DGGML_NATIVE={onoff(self.native)}",
             f"-DGGML_CUDA={onoff(self.cuda)}",
         ]
@@ -245,7 +253,8 @@ class BuiltLlama:
 
 def _library_names(settings: Settings) -> list[str]:
     # Link order: users before what they use.
-    names = ["src/libllama.a", "ggml/src/libggml.a", "ggml/src/libggml-cpu.a"]
+    names = ["common/libllama-common.a", "common/libllama-common-base.a", "vendor/cpp-httplib/libcpp-httplib.a",
+             "src/libllama.a", "ggml/src/libggml.a", "ggml/src/libggml-cpu.a", "ggml/src/ggml-rpc/libggml-rpc.a"]
     if settings.cuda:
         names.append("ggml/src/ggml-cuda/libggml-cuda.a")
     names.append("ggml/src/libggml-base.a")
@@ -263,6 +272,11 @@ def _link_args(settings: Settings) -> list[str]:
     if settings.sanitize:
         args.append("-fsanitize=" + ",".join(settings.sanitize))
     return args
+
+
+def _include_dirs(source: Path) -> list[Path]:
+    # src/ for llama-grammar.h: the grammar parser, run on its own to report parse errors.
+    return [source / "include", source / "ggml" / "include", source / "common", source / "src"]
 
 
 def ensure_built(settings: Settings | None = None) -> BuiltLlama:
@@ -294,7 +308,7 @@ def ensure_built(settings: Settings | None = None) -> BuiltLlama:
             if all(p.is_file() for p in built.libraries):
                 # Same source hash, so the headers of this checkout are the ones it was built with.
                 built.source_dir = settings.source_dir
-                built.include_dirs = [settings.source_dir / "include", settings.source_dir / "ggml" / "include"]
+                built.include_dirs = _include_dirs(settings.source_dir)
                 return built
         (build_dir / "mullama-key.json").write_text(key_src)
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
@@ -307,13 +321,13 @@ def ensure_built(settings: Settings | None = None) -> BuiltLlama:
         cmake_dir = build_dir / "cmake"
         _run([cmake, "-S", str(settings.source_dir), "-B", str(cmake_dir), *generator, *launcher, *args])
         jobs = str(os.cpu_count() or 2)
-        targets = ["llama", "ggml"] + (["ggml-cuda"] if settings.cuda else [])
+        targets = ["llama", "ggml", "llama-common", "ggml-rpc"] + (["ggml-cuda"] if settings.cuda else [])
         _run([cmake, "--build", str(cmake_dir), "--config", "Release", "-j", jobs, "--target", *targets])
         built = BuiltLlama(
             build_dir=cmake_dir,
             source_dir=settings.source_dir,
             libraries=[cmake_dir / n for n in _library_names(settings)],
-            include_dirs=[settings.source_dir / "include", settings.source_dir / "ggml" / "include"],
+            include_dirs=_include_dirs(settings.source_dir),
             link_args=_link_args(settings),
         )
         missing = [str(p) for p in built.libraries if not p.is_file()]
@@ -322,6 +336,23 @@ def ensure_built(settings: Settings | None = None) -> BuiltLlama:
         stamp.write_text(built.to_json())
         print(f"mullama build: llama.cpp built in {time.monotonic() - t0:.0f} s into {cmake_dir}", flush=True)
         return built
+
+
+def build_tool(*names: str, built: BuiltLlama | None = None) -> dict[str, Path]:
+    """Build llama.cpp's own programs (llama-server, rpc-server, llama-bench, ...) in the cached
+    build of the libraries, so they share its flags and objects; returns name -> executable."""
+    built = built or ensure_built()
+    bins = {n: built.build_dir / "bin" / n for n in names}
+    if all(p.is_file() for p in bins.values()):
+        return bins
+    lock_path = built.build_dir.parent.parent / (built.build_dir.parent.name + ".lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _run(["cmake", "--build", str(built.build_dir), "-j", str(os.cpu_count() or 2), "--target", *names])
+    missing = [n for n, p in bins.items() if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"llama.cpp build finished without {missing}")
+    return bins
 
 
 # llama.cpp's examples take llama.cpp's default thread count (4), which oversubscribes a small
