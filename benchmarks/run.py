@@ -1,6 +1,7 @@
 """mullama against its peers, on the same model file, threads and context size.
 
-    python -m benchmarks [--quick] [--reps N] [--only pp,tg,ttft,embed,mem,stream,engine,servers] [--no-write]
+    python -m benchmarks [--quick] [--reps N] [--only pp,tg,previous,grammar,ttft,embed,mem,stream,busy,engine,servers]
+                         [--no-write]
 
 Peers are prepared on demand and cached outside the clone (benchmarks/peers.py). Flash attention
 is llama.cpp's default (auto: on for the CPU) for every system, except in the time-to-first-token
@@ -597,11 +598,13 @@ def bench_servers(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128)
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    from . import controls   # it imports this module: not at the top
+
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and texts (a few minutes)")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--only", default="pp,tg,ttft,embed,mem,stream,busy,engine,servers")
+    ap.add_argument("--only", default="pp,tg,previous,grammar,ttft,embed,mem,stream,busy,engine,servers")
     ap.add_argument("--no-llama-cpp-python", action="store_true", help="skip the llama-cpp-python peer")
     ap.add_argument("--no-sentence-transformers", action="store_true", help="skip the PyTorch peer")
     ap.add_argument("--no-write", action="store_true")
@@ -609,7 +612,7 @@ def main(argv=None):
     reps = args.reps or (3 if args.quick else 5)
     only = set(args.only.split(","))
     model_path = mullama.models.fetch()
-    tools = peers.llama_tools() if only & {"pp", "tg", "mem", "engine", "servers"} else {}
+    tools = peers.llama_tools() if only & {"pp", "tg", "grammar", "mem", "engine", "servers"} else {}
     lcp_py = None if args.no_llama_cpp_python else peers.llama_cpp_python()
     t = Table()
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -619,6 +622,10 @@ def main(argv=None):
         bench_pp(t, model_path, tools, lcp_py, reps)
     if "tg" in only:
         bench_tg(t, model_path, tools, lcp_py, reps)
+    if "previous" in only:
+        controls.bench_previous(t, model_path, reps)
+    if "grammar" in only:
+        controls.bench_grammar(t, model_path, tools, reps)
     if "ttft" in only:
         bench_ttft(t, model_path, lcp_py, reps)
     if "embed" in only:

@@ -16,6 +16,7 @@ from ._errors import (
     DecodeError,
     EmbeddingsDisabledError,
     GenerationCancelled,
+    GrammarError,
     InvalidArgumentError,
     InvalidModelError,
     ModelFileChangedError,
@@ -40,6 +41,7 @@ from ._llama import (
 from ._params import SamplerParams, sampler_params_creative, sampler_params_greedy, sampler_params_precise
 from . import models
 from ._batching import EngineStream
+from ._completion import Completion, TokenLogprob, TopLogprob, Usage
 
 __version__ = "0.1.0"
 
@@ -96,6 +98,10 @@ __all__ = [
     "Engine",
     "EngineStream",
     "SamplerParams",
+    "Completion",
+    "TokenLogprob",
+    "TopLogprob",
+    "Usage",
     "sampler_params_greedy",
     "sampler_params_creative",
     "sampler_params_precise",
@@ -115,6 +121,7 @@ __all__ = [
     "ContextCreateError",
     "InvalidArgumentError",
     "ContextOverflowError",
+    "GrammarError",
     "DecodeError",
     "EmbeddingsDisabledError",
     "ClosedError",

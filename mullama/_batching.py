@@ -7,6 +7,7 @@ import collections
 import threading
 from collections.abc import Callable
 
+from ._completion import Usage
 from ._errors import ContextBusyError
 
 
@@ -15,13 +16,13 @@ class EngineRequest:
 
     __slots__ = ("tokens", "max_tokens", "params", "capacity", "pieces", "cond", "finished", "error",
                  "finish_reason", "cancelled", "waker", "engine_wake", "slot", "wake_each",
-                 "completion_tokens", "__weakref__")
+                 "completion_tokens", "generated", "logprobs", "__weakref__")
 
     def __init__(self, tokens: list[int], max_tokens: int, params: object, capacity: int,
-                 engine_wake: Callable[[], None]) -> None:
-        self.tokens = tokens
+                 engine_wake: Callable[[], None], want_logprobs: bool = False) -> None:
+        self.tokens = tokens      # the prompt
         self.max_tokens = max_tokens
-        self.params = params
+        self.params = params      # the native controls, until the engine lets the request go
         self.capacity = capacity
         self.pieces: collections.deque[str] = collections.deque()
         self.cond = threading.Condition()
@@ -34,6 +35,8 @@ class EngineRequest:
         self.slot = -1            # the engine slot serving it, once admitted
         self.wake_each = True     # False: an async consumer wants one wake-up, at the end
         self.completion_tokens = 0   # set by the engine thread as it generates
+        self.generated: list[int] = []   # appended to by the engine thread
+        self.logprobs: list[object] | None = [] if want_logprobs else None
 
     # -- engine thread -------------------------------------------------------------------------
 
@@ -64,6 +67,10 @@ class EngineRequest:
             waker()
 
     # -- consumer ------------------------------------------------------------------------------
+
+    def usage(self) -> Usage:
+        evaluated = len(self.tokens) if self.slot >= 0 else 0   # cancelled while waiting: nothing
+        return Usage(len(self.tokens), 0, evaluated, self.completion_tokens)
 
     def take(self) -> str | None:
         """The next piece, None at the end; raises the request's error. Call with cond held."""
@@ -119,6 +126,22 @@ class EngineStream:
         """Tokens generated so far."""
         return self._request.completion_tokens
 
+    @property
+    def tokens(self) -> list[int]:
+        """The ids of the tokens generated so far (a stop string's tokens included)."""
+        return list(self._request.generated)
+
+    @property
+    def logprobs(self) -> list[object] | None:
+        """A TokenLogprob per generated token so far, or None unless the params asked for them."""
+        logprobs = self._request.logprobs
+        return None if logprobs is None else list(logprobs)
+
+    @property
+    def usage(self) -> Usage:
+        """Token counts so far; an engine request decodes its whole prompt (no reuse)."""
+        return self._request.usage()
+
     def cancel(self) -> None:
         """Stop the request at the engine's next step, from any thread; iterating then ends."""
         self._request.cancel()
@@ -162,3 +185,4 @@ class EngineStream:
         # No waiting here: this may run in any thread, the engine's own included.
         if not self._request.finished:
             self._request.cancel()
+

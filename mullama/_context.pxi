@@ -7,8 +7,10 @@ cdef enum Finish:
     FINISH_LENGTH = 2     # max_tokens reached
     FINISH_CONTEXT = 3    # the context is full
     FINISH_NO_LOGITS = 4  # the model computed no logits to sample from (an error, not a reason)
+    FINISH_GRAMMAR = 5    # the grammar allows no further token
 
-_FINISH_NAMES = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_CONTEXT: "context"}
+_FINISH_NAMES = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_CONTEXT: "context",
+                 FINISH_GRAMMAR: "grammar"}
 
 # What one _gen_step did, in numbers of its own.
 cdef enum Step:
@@ -21,7 +23,7 @@ cdef enum Step:
 cdef struct Gen:
     NativeState * st
     const llama_vocab * vocab
-    llama_sampler * smpl
+    mullama_controls * ctl        # sampler, grammar, stop strings; the generated text (ctl.text)
     vector[llama_token] * hist    # tokens whose keys/values are in the cache, in order
     int n_ctx
     int max_tokens
@@ -29,7 +31,6 @@ cdef struct Gen:
     llama_token pending           # sampled and delivered, not yet decoded (-1: none)
     int finish
     Decoded decoded               # how the decode that stopped the loop went
-    string * out                  # UTF-8 bytes produced and not yet handed to Python
 
 
 cdef Decoded _decode_chunk(Gen * g, const llama_token * toks, int n, bint last_logits,
@@ -65,8 +66,9 @@ cdef Decoded _decode_prompt(Gen * g, const llama_token * toks, int n, int n_batc
 
 
 cdef Step _gen_step(Gen * g) noexcept nogil:
-    """One token: decode the pending token, sample the next, append its text to g.out."""
+    """One token: decode the pending token, choose the next, append its text to g.ctl.text."""
     cdef llama_token tok
+    cdef Choice chosen
     if _poll_interrupt(&g.st.interrupt):
         g.decoded = DECODE_ABORTED
         return STEP_DECODE
@@ -82,14 +84,20 @@ cdef Step _gen_step(Gen * g) noexcept nogil:
         if g.decoded != DECODED:
             return STEP_DECODE
         g.pending = -1
-    if not _sample(g.smpl, g.st.ctx, -1, &tok):
+    chosen = _choose(g.ctl, g.st.ctx, -1, &tok)
+    if chosen == CHOICE_NO_LOGITS:
         return STEP_NO_LOGITS
+    if chosen == CHOICE_NONE:
+        g.finish = FINISH_GRAMMAR
+        return STEP_DONE
     if llama_vocab_is_eog(g.vocab, tok):
         g.finish = FINISH_STOP
         return STEP_DONE
-    _append_piece(g.vocab, tok, g.out)
-    g.pending = tok
     g.n_generated += 1
+    if mullama_take(g.ctl, g.vocab, tok):   # a stop string: the text is cut before it
+        g.finish = FINISH_STOP
+        return STEP_DONE
+    g.pending = tok
     return STEP_TOKEN
 
 
@@ -265,10 +273,10 @@ cdef class Context:
             )
         return 0
 
-    cdef void _init_gen(self, Gen * g, llama_sampler * smpl, int max_tokens):
+    cdef void _init_gen(self, Gen * g, mullama_controls * ctl, int max_tokens):
         g.st = &self.core.st
         g.vocab = self.model.vocab
-        g.smpl = smpl
+        g.ctl = ctl
         g.hist = &self.hist
         g.n_ctx = self.core.n_ctx
         g.max_tokens = max_tokens
@@ -276,21 +284,21 @@ cdef class Context:
         g.pending = -1
         g.finish = FINISH_NONE
         g.decoded = DECODED
-        g.out = NULL
 
     # -- generation --------------------------------------------------------------------------
 
     def generate(self, prompt, max_tokens=100, params=None):
         """Complete ``prompt`` and return the new text only.
 
-        Stops at an end-of-generation token, after ``max_tokens`` tokens, or when the context
-        is full (see ``last_finish_reason``). The whole loop runs without the GIL.
+        Stops at an end-of-generation token or a stop string of ``params``, after ``max_tokens``
+        tokens, or when the context is full (see ``last_finish_reason``). The whole loop runs
+        without the GIL. :meth:`complete` returns the tokens, log-probabilities and usage too.
         """
         cdef vector[llama_token] toks
         self._check()
         cdef long long ticket = self.core.ticket()
         self.model._prompt_tokens(prompt, toks)
-        return self._generate(toks, max_tokens, params, ticket)
+        return self._generate(toks, max_tokens, params, ticket, False)
 
     def generate_from_tokens(self, tokens, max_tokens=100, params=None):
         """Like :meth:`generate`, from token ids (checked against the vocabulary)."""
@@ -298,29 +306,54 @@ cdef class Context:
         self._check()
         cdef long long ticket = self.core.ticket()
         self.model._tokens_to_vector(tokens, toks)
-        return self._generate(toks, max_tokens, params, ticket)
+        return self._generate(toks, max_tokens, params, ticket, False)
 
-    cdef str _generate(self, vector[llama_token] & toks, object max_tokens, object params, long long ticket):
+    def complete(self, prompt, max_tokens=100, params=None):
+        """Complete ``prompt`` (text, or a list of token ids) and return a :class:`Completion`:
+        the text, its tokens, ``finish_reason``, log-probabilities (when ``params`` asks for
+        them) and usage. A cancel ends it with ``finish_reason == "cancelled"`` and the text
+        generated so far, instead of raising.
+
+        >>> c = ctx.complete("Q: 2+2?\\nA:", 16, SamplerParams(stop=["\\n"], n_probs=3))  # doctest: +SKIP
+        >>> c.text, c.finish_reason, c.logprobs[0].top[0].logprob                           # doctest: +SKIP
+        """
+        cdef vector[llama_token] toks
+        self._check()
+        cdef long long ticket = self.core.ticket()
+        self.model._prompt_or_tokens(prompt, toks)
+        return self._generate(toks, max_tokens, params, ticket, True)
+
+    cdef object _generate(self, vector[llama_token] & toks, object max_tokens, object params, long long ticket,
+                          bint full):
         _check_int(max_tokens, "max_tokens", 0, 1 << 30)
-        cdef llama_sampler * smpl = _make_sampler(params, self.model._n_vocab, self.core.n_ctx)
-        cdef string out
-        cdef Gen g
-        cdef Step rc = STEP_TOKEN
+        cdef _Controls controls = _Controls.make(params, self.model, self.core.n_ctx)
         self._enter(ticket)
         try:
+            return self._run(toks, max_tokens, controls.c, full)
+        finally:
+            self._leave()
+
+    cdef object _run(self, vector[llama_token] & toks, int max_tokens, mullama_controls * ctl, bint full):
+        cdef Gen g
+        cdef Step rc = STEP_TOKEN
+        self._init_gen(&g, ctl, max_tokens)
+        try:
             self._prepare(toks)
-            self._init_gen(&g, smpl, max_tokens)
-            g.out = &out
             with nogil:
                 while True:
                     rc = _gen_step(&g)
                     if rc != STEP_TOKEN:
                         break
             self._finish_gen(&g, rc)
-            return out.decode("utf-8", "replace")
-        finally:
-            llama_sampler_free(smpl)
-            self._leave()
+        except GenerationCancelled:
+            if not full:
+                raise
+        text = ctl.text.decode("utf-8", "replace")
+        if not full:
+            return text
+        usage = Usage(<int> toks.size(), self.last_reused_tokens, self.last_evaluated_tokens, g.n_generated)
+        logprobs = tuple(_new_logprobs(self.model, ctl, 0)) if ctl.want_logprobs else None
+        return Completion(text, tuple(_new_tokens(ctl, 0)), self.last_finish_reason, logprobs, usage)
 
     cdef int _finish_gen(self, Gen * g, Step rc) except -1:
         self.last_finish_reason = _FINISH_NAMES.get(g.finish)
@@ -377,6 +410,25 @@ cdef class Context:
         finally:
             self._leave()
 
+    def get_logits(self):
+        """The raw logits of the last decoded token (one per vocabulary entry, float32 numpy
+        array), as the model computed them: decode a prompt with ``generate(prompt,
+        max_tokens=0)`` first. A generation that sampled from them leaves none to read."""
+        import numpy as np
+        self._check()
+        cdef float * row
+        self._enter(self.core.ticket())
+        try:
+            row = llama_get_logits_ith(self.core.st.ctx, -1) if self.hist.size() else NULL
+            if self.core.embeddings or llama_get_memory(self.core.st.ctx) == NULL or not mullama_logits_fresh(row):
+                raise InvalidArgumentError(
+                    "no logits to read: decode a prompt with generate(prompt, max_tokens=0) first "
+                    "(a generation consumes the logits it samples from)")
+            n = self.model._n_vocab
+            return np.asarray(<float[:n]> row).copy()
+        finally:
+            self._leave()
+
     def get_embeddings(self):
         """The embedding of the last decoded prompt (pooled if the model pools, else the last
         token's), as a float32 numpy array. Needs ``embeddings=True``; decode a prompt first,
@@ -415,9 +467,12 @@ cdef class TokenStream:
     """
 
     cdef Context ctx                 # keeps the context (and its model) alive
-    cdef llama_sampler * smpl
+    cdef _Controls controls          # sampler, grammar, stop strings and the text not yet handed out
     cdef Gen g
-    cdef string out
+    cdef list _tokens                # generated so far
+    cdef list _logprobs              # their log-probabilities, None unless asked for
+    cdef int _reused                 # prompt tokens found in the cache
+    cdef int _evaluated              # prompt tokens decoded
     cdef vector[llama_token] prompt
     cdef long long ticket            # the context's number for this generation
     cdef bint started
@@ -429,7 +484,6 @@ cdef class TokenStream:
     cdef readonly object finish_reason
 
     def __cinit__(self):
-        self.smpl = NULL
         self.done = True
         self._runner = 0
 
@@ -439,15 +493,18 @@ cdef class TokenStream:
         ctx._check_fits(toks.size())   # bad prompts raise here, not at the first next()
         cdef TokenStream s = TokenStream.__new__(TokenStream)
         s._running = threading.Lock()
-        s.smpl = _make_sampler(params, ctx.model._n_vocab, ctx.core.n_ctx)
+        s.controls = _Controls.make(params, ctx.model, ctx.core.n_ctx)
+        s._tokens = []
+        s._reused = 0
+        s._evaluated = 0
+        s._logprobs = [] if s.controls.c.want_logprobs else None
         s.ctx = ctx
         s.prompt = toks
         s.ticket = ticket
         s.started = False
         s.cancel_requested = False
         s.closing = False
-        ctx._init_gen(&s.g, s.smpl, max_tokens)
-        s.g.out = &s.out
+        ctx._init_gen(&s.g, s.controls.c, max_tokens)
         s.done = False
         return s
 
@@ -459,6 +516,23 @@ cdef class TokenStream:
     def completion_tokens(self):
         """Tokens generated so far."""
         return self.g.n_generated
+
+    @property
+    def tokens(self):
+        """The ids of the tokens generated so far (a stop string's tokens included)."""
+        return list(self._tokens)
+
+    @property
+    def logprobs(self):
+        """A :class:`TokenLogprob` per generated token so far, or None unless
+        ``SamplerParams.logprobs`` or ``n_probs`` asked for them. Records can run ahead of the
+        text: a piece that might begin a stop string is held back until it cannot."""
+        return None if self._logprobs is None else list(self._logprobs)
+
+    @property
+    def usage(self):
+        """Token counts so far, as a :class:`Usage`."""
+        return Usage(<int> self.prompt.size(), self._reused, self._evaluated, self.g.n_generated)
 
     def read(self):
         """The rest of the text, once the generation has ended."""
@@ -499,14 +573,23 @@ cdef class TokenStream:
                 rc = _gen_step(&self.g)
                 if rc != STEP_TOKEN:
                     break
-                n = mullama_utf8_complete(self.out.data(), self.out.size())
+                n = mullama_ready(self.g.ctl)
                 if n > 0:
                     break
+        self._collect()
         if rc == STEP_TOKEN:
-            piece = self.out.substr(0, n).decode("utf-8", "replace")
-            self.out.erase(0, n)
+            piece = self.g.ctl.text.substr(0, n).decode("utf-8", "replace")
+            self.g.ctl.text.erase(0, n)
             return piece
         return self._last_piece(rc)
+
+    cdef void _collect(self):
+        """Copy the records of the tokens generated since the last piece."""
+        cdef size_t start = len(self._tokens)
+        if self.g.ctl.tokens.size() > start:
+            self._tokens.extend(_new_tokens(self.g.ctl, start))
+            if self._logprobs is not None:
+                self._logprobs.extend(_new_logprobs(self.ctx.model, self.g.ctl, start))
 
     cdef int _begin(self) except -1:
         """Claim the context at the first next(), not at creation: an unused stream holds nothing."""
@@ -517,6 +600,8 @@ cdef class TokenStream:
             self.ctx.core.cancel_running()
         try:
             self.ctx._prepare(self.prompt)
+            self._reused = self.ctx.last_reused_tokens
+            self._evaluated = self.ctx.last_evaluated_tokens
         except GenerationCancelled:
             self.finish_reason = "cancelled"
             self._end()
@@ -542,8 +627,8 @@ cdef class TokenStream:
             self._end()
             raise
         self.finish_reason = self.ctx.last_finish_reason
-        rest = self.out.decode("utf-8", "replace")
-        self.out.clear()
+        rest = self.g.ctl.text.decode("utf-8", "replace")
+        self.g.ctl.text.clear()
         self._end()
         if rest:
             return rest
@@ -553,9 +638,6 @@ cdef class TokenStream:
         if self.done:
             return
         self.done = True
-        if self.smpl != NULL:
-            llama_sampler_free(self.smpl)
-            self.smpl = NULL
         if self.started:
             self.ctx._leave()
 
@@ -591,9 +673,6 @@ cdef class TokenStream:
     def __dealloc__(self):
         # Nothing can be iterating: that thread would hold a reference. ctx is still set
         # (no_gc_clear), so a stream collected open hands its context back cleanly.
-        if self.smpl != NULL:
-            llama_sampler_free(self.smpl)
-            self.smpl = NULL
         if self.started and not self.done:
             self.done = True
             self.ctx._leave()

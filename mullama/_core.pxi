@@ -27,6 +27,7 @@ from ._errors import (
     DecodeError,
     EmbeddingsDisabledError,
     GenerationCancelled,
+    GrammarError,
     InvalidArgumentError,
     InvalidModelError,
     ModelLoadError,
@@ -51,33 +52,6 @@ cdef extern from "_support.h" nogil:
     void mullama_logits_used(float * row)
     void mullama_set_decode_aborted(int v)
     int mullama_set_thread_slice(uint64_t ns)
-
-
-cdef inline bint _sample(llama_sampler * smpl, llama_context * ctx, int idx, llama_token * tok) noexcept nogil:
-    """Sample from output row idx into *tok; False if the last decode computed no logits there.
-    No memory means an encoder-only model (its llama_decode runs the encoder, no logits); a
-    stamp still on the row (mullama_logits_used) means some other model that computed none."""
-    cdef float * row = llama_get_logits_ith(ctx, idx)
-    if llama_get_memory(ctx) == NULL or not mullama_logits_fresh(row):
-        return False
-    tok[0] = llama_sampler_sample(smpl, ctx, idx)
-    mullama_logits_used(row)
-    return True
-
-
-cdef bint _append_piece(const llama_vocab * vocab, llama_token tok, string * out) noexcept nogil:
-    """Append the text of tok to *out, however long it is; False if llama.cpp gives none."""
-    cdef char buf[256]
-    cdef int n = llama_token_to_piece(vocab, tok, buf, sizeof(buf), 0, False)
-    cdef size_t old
-    if n >= 0:
-        out.append(buf, n)
-        return True
-    old = out.size()                      # -n is the size the piece needs
-    out.resize(old - n)
-    n = llama_token_to_piece(vocab, tok, <char *> out.data() + old, -n, 0, False)
-    out.resize(old + (n if n > 0 else 0))
-    return n > 0
 
 
 from cpython.exc cimport PyErr_CheckSignals

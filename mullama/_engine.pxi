@@ -6,6 +6,18 @@ import time as _time
 import weakref as _weakref
 
 from ._batching import EngineRequest, EngineStream
+from ._completion import completion_of
+
+
+def _read_until_cancelled(stream):
+    """The text of a stream; what there is so far if it is cancelled."""
+    pieces = []
+    try:
+        for piece in stream:
+            pieces.append(piece)
+    except GenerationCancelled:
+        pass
+    return "".join(pieces)
 
 
 def _engine_thread(engine_ref, kick, int nice):
@@ -40,7 +52,7 @@ cdef struct ESlot:
     int prompt_pos            # prompt tokens decoded so far
     int n_prompt
     int step_take             # tokens this slot put into the current batch
-    llama_sampler * smpl
+    mullama_controls * ctl    # borrowed from its request's _Controls; its text is not yet delivered
     int max_tokens
     int n_generated
     llama_token pending       # sampled and delivered, not yet decoded
@@ -50,13 +62,14 @@ cdef struct ESlot:
 
 
 cdef int _engine_step(NativeState * st, const llama_vocab * vocab, ESlot * slots, int n_slots,
-                      vector[vector[llama_token]] & prompts, vector[string] & outs, int n_batch,
+                      vector[vector[llama_token]] & prompts, int n_batch,
                       int prompt_chunk, int n_ctx_seq, Decoded * decoded) noexcept nogil:
     """One decode for all running slots. Returns the batch size (0: nothing to do). A decode
     that does not succeed leaves its status in *decoded and the slots in the batch unchanged."""
     cdef int i, k, take, n = 0
     cdef ESlot * s
     cdef llama_token tok
+    cdef Choice chosen
     for i in range(n_slots):
         s = &slots[i]
         s.batch_idx = -1
@@ -114,18 +127,22 @@ cdef int _engine_step(NativeState * st, const llama_vocab * vocab, ESlot * slots
             s.finish = FINISH_LENGTH
             s.state = SLOT_DONE
             continue
-        if not _sample(s.smpl, st.ctx, s.batch_idx, &tok):
-            s.finish = FINISH_NO_LOGITS
+        chosen = _choose(s.ctl, st.ctx, s.batch_idx, &tok)
+        if chosen != CHOICE_TOKEN:
+            s.finish = FINISH_NO_LOGITS if chosen == CHOICE_NO_LOGITS else FINISH_GRAMMAR
             s.state = SLOT_DONE
             continue
         if llama_vocab_is_eog(vocab, tok):
             s.finish = FINISH_STOP
             s.state = SLOT_DONE
             continue
-        _append_piece(vocab, tok, &outs[i])
-        s.pending = tok
         s.n_generated += 1
         s.sampled = True
+        if mullama_take(s.ctl, vocab, tok):   # a stop string: the text is cut before it
+            s.finish = FINISH_STOP
+            s.state = SLOT_DONE
+            continue
+        s.pending = tok
         s.state = SLOT_GEN
     return n
 
@@ -146,7 +163,6 @@ cdef class Engine:
     cdef ESlot * slots
     cdef int n_slots
     cdef vector[vector[llama_token]] prompts
-    cdef vector[string] outs
     cdef list requests               # the request in each slot, or None
     cdef object waiting              # deque of EngineRequest, arrival order
     cdef object qlock                # guards waiting; never held while taking a request's lock
@@ -189,9 +205,8 @@ cdef class Engine:
             raise MemoryError()
         for i in range(n_parallel):
             self.slots[i].state = SLOT_FREE
-            self.slots[i].smpl = NULL
+            self.slots[i].ctl = NULL
         self.prompts.resize(n_parallel)
-        self.outs.resize(n_parallel)
         self.requests = [None] * n_parallel
         self.waiting = collections.deque()
         self.qlock = threading.Lock()
@@ -237,8 +252,10 @@ cdef class Engine:
                 "(n_ctx // n_parallel); use a larger n_ctx or a shorter prompt"
             )
         _check_int(max_tokens, "max_tokens", 0, 1 << 30)
-        params = SamplerParams.coerce(params)
-        req = EngineRequest([toks[i] for i in range(toks.size())], max_tokens, params, capacity, self.kick.set)
+        # Made here, so that a bad grammar, stop or bias raises in the caller, not in a stream.
+        controls = _Controls.make(params, self.core.model, self._n_ctx_seq)
+        req = EngineRequest([toks[i] for i in range(toks.size())], max_tokens, controls, capacity, self.kick.set,
+                            (<_Controls> controls).c.want_logprobs)
         with self.qlock:
             if self.closing:
                 raise ClosedError("this Engine is closed")
@@ -261,6 +278,16 @@ cdef class Engine:
     def generate_from_tokens(self, tokens, max_tokens=100, params=None):
         with EngineStream(self._submit(None, tokens, max_tokens, params, 1 << 30), self) as s:
             return "".join(s)
+
+    def complete(self, prompt, max_tokens=100, params=None):
+        """Like :meth:`Context.complete`: a :class:`Completion` of ``prompt`` (text or token
+        ids), decoded alongside the other requests in a sequence of its own."""
+        if isinstance(prompt, str):
+            req = self._submit(prompt, None, max_tokens, params, 1 << 30)
+        else:
+            req = self._submit(None, prompt, max_tokens, params, 1 << 30)
+        with EngineStream(req, self) as s:
+            return completion_of(s, _read_until_cancelled(s))
 
     def stats(self):
         """Running and waiting requests, slot use and recent generated tokens per second."""
@@ -301,8 +328,7 @@ cdef class Engine:
                 r = self.requests[i]
                 self.slots[i].paused = r is not None and r.full
             with nogil:
-                rc = _engine_step(st, vocab, self.slots, self.n_slots, self.prompts, self.outs,
-                                  n_batch, self.prompt_chunk, self._n_ctx_seq, &decoded)
+                rc = _engine_step(st, vocab, self.slots, self.n_slots, self.prompts, n_batch, self.prompt_chunk, self._n_ctx_seq, &decoded)
             self._steps += 1
             if decoded != DECODED:
                 self._fail_batch(decoded)
@@ -335,15 +361,10 @@ cdef class Engine:
                 if not req.cancelled:
                     break
                 req.finish("cancelled", GenerationCancelled("the request was cancelled"))
-            try:
-                self.slots[i].smpl = _make_sampler(req.params, self.core.model._n_vocab, self._n_ctx_seq)
-            except BaseException as exc:
-                req.finish(None, exc)
-                continue
+            self.slots[i].ctl = (<_Controls> req.params).c
             self.prompts[i].clear()
             for t in req.tokens:
                 self.prompts[i].push_back(t)
-            self.outs[i].clear()
             s = &self.slots[i]
             s.state = SLOT_PROMPT
             s.paused = False
@@ -380,14 +401,12 @@ cdef class Engine:
     cdef void _free_slot(self, int i, object reason, object error):
         r = self.requests[i]
         self.requests[i] = None
-        if self.slots[i].smpl != NULL:
-            llama_sampler_free(self.slots[i].smpl)
-            self.slots[i].smpl = NULL
+        self.slots[i].ctl = NULL
         self.slots[i].state = SLOT_FREE
         _seq_rm(&self.core.st, i, -1, -1)
-        self.outs[i].clear()
         self.prompts[i].clear()
         if r is not None:
+            r.params = None   # the controls: their candidate array is n_vocab entries long
             r.finish(reason, error)
 
     cdef void _deliver(self):
@@ -405,20 +424,28 @@ cdef class Engine:
             if s.sampled:
                 produced += 1
                 r.completion_tokens = s.n_generated
+                self._collect(r, s.ctl)
             if s.state == SLOT_DONE and s.finish == FINISH_NO_LOGITS:
                 self._free_slot(i, None, self.core.model._no_logits_error())
                 continue
             if s.state == SLOT_DONE:
-                if self.outs[i].size():
-                    r.push(self.outs[i].decode("utf-8", "replace"))
+                if s.ctl.text.size():
+                    r.push(s.ctl.text.decode("utf-8", "replace"))
                 self._free_slot(i, _FINISH_NAMES.get(s.finish), None)
                 continue
-            n = mullama_utf8_complete(self.outs[i].data(), self.outs[i].size())
+            n = mullama_ready(s.ctl)
             if n > 0:
-                r.push(self.outs[i].substr(0, n).decode("utf-8", "replace"))
-                self.outs[i].erase(0, n)
+                r.push(s.ctl.text.substr(0, n).decode("utf-8", "replace"))
+                s.ctl.text.erase(0, n)
         self._generated_total += produced
         self._done_times.append((_time.monotonic(), produced))
+
+    cdef void _collect(self, object r, mullama_controls * ctl):
+        """Hand the request the records of the tokens generated this step."""
+        cdef size_t start = len(r.generated)
+        r.generated.extend(_new_tokens(ctl, start))
+        if r.logprobs is not None:
+            r.logprobs.extend(_new_logprobs(self.core.model, ctl, start))
 
     cdef void _fail_batch(self, Decoded decoded):
         cdef int i
@@ -456,9 +483,6 @@ cdef class Engine:
         cdef int i
         if self.kick is not None:
             self.kick.set()   # dropped without close(): the idle engine thread sees it and ends
-        if self.slots != NULL:
-            for i in range(self.n_slots):
-                if self.slots[i].smpl != NULL:
-                    llama_sampler_free(self.slots[i].smpl)
+        if self.slots != NULL:   # the controls belong to the requests
             free(self.slots)
             self.slots = NULL

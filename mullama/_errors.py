@@ -11,6 +11,7 @@ exception fits, the class derives from it too, so ``except FileNotFoundError`` k
      +-- ContextCreateError             (also MemoryError): n_ctx/n_batch beyond what can be allocated
      +-- InvalidArgumentError           (also ValueError): bad parameters, empty prompt, bad token id
      |    +-- ContextOverflowError      a prompt or text longer than the context can hold
+     |    +-- GrammarError              a GBNF grammar or JSON schema that cannot be used
      +-- DecodeError                    llama_decode failed (no cache slot, backend failure)
      +-- EmbeddingsDisabledError        (also RuntimeError): embeddings on a context without them
      +-- ClosedError                    (also RuntimeError): the object was closed
@@ -35,6 +36,7 @@ __all__ = [
     "ContextCreateError",
     "InvalidArgumentError",
     "ContextOverflowError",
+    "GrammarError",
     "DecodeError",
     "EmbeddingsDisabledError",
     "ClosedError",
@@ -77,6 +79,11 @@ class InvalidArgumentError(MullamaError, ValueError):
 
 class ContextOverflowError(InvalidArgumentError):
     """The input is longer than the context can hold."""
+
+
+class GrammarError(InvalidArgumentError):
+    """A GBNF grammar does not parse (llama.cpp's message says where), has left recursion or no
+    root rule, or a JSON schema uses what llama.cpp's converter cannot turn into a grammar."""
 
 
 class DecodeError(MullamaError):

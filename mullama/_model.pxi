@@ -397,6 +397,12 @@ cdef class Model:
             toks.push_back(t)
         return 0
 
+    cdef int _prompt_or_tokens(self, object prompt, vector[llama_token] & toks) except -1:
+        """A prompt given as text (a str) or as token ids."""
+        if isinstance(prompt, str):
+            return self._prompt_tokens(prompt, toks)
+        return self._tokens_to_vector(prompt, toks)
+
     cdef int _tokens_to_vector(self, object tokens, vector[llama_token] & out) except -1:
         """Validate token ids against the vocabulary and copy them into a C vector."""
         if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):

@@ -26,6 +26,7 @@ import sniffio
 
 from ._errors import ContextBusyError, GenerationCancelled, InvalidArgumentError, WrongEventLoopError
 from ._batching import EngineRequest
+from ._completion import Completion, TokenLogprob, Usage, completion_of
 from ._llama import Context, EmbeddingGenerator, Engine, Model, TokenStream, _yield_to_waking_threads
 
 __all__ = ["load_model", "AsyncContext", "AsyncTokenStream", "AsyncEmbeddingGenerator", "AsyncEngine", "AsyncEngineStream"]
@@ -285,6 +286,20 @@ class AsyncTokenStream:
         """Tokens generated so far."""
         return self._sync.completion_tokens
 
+    @property
+    def tokens(self) -> list[int]:
+        """The ids of the tokens generated so far."""
+        return self._sync.tokens
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """A TokenLogprob per generated token so far, or None unless the params asked for them."""
+        return self._sync.logprobs
+
+    @property
+    def usage(self) -> Usage:
+        return self._sync.usage
+
     def cancel(self) -> None:
         """Stop the native loop within one token; iterating then raises GenerationCancelled."""
         self._sync.cancel()
@@ -464,6 +479,25 @@ class AsyncContext(_LoopBound):
     async def generate_from_tokens(self, tokens: Sequence[int], max_tokens: int = 100, params: Any = None) -> str:
         return await self._joined(self.context.generate_stream_from_tokens(tokens, max_tokens, params))
 
+    async def complete(self, prompt: str | Sequence[int], max_tokens: int = 100, params: Any = None) -> Completion:
+        """A :class:`Completion` of ``prompt`` (text or token ids), as :meth:`mullama.Context.complete`."""
+        if isinstance(prompt, str):
+            stream = self.context.generate_stream(prompt, max_tokens, params)
+        else:
+            stream = self.context.generate_stream_from_tokens(prompt, max_tokens, params)
+
+        def run() -> Completion:
+            with stream:
+                pieces = []
+                try:
+                    for piece in stream:
+                        pieces.append(piece)
+                except GenerationCancelled:
+                    pass
+                return completion_of(stream, "".join(pieces))
+
+        return await self._call(run, stream.cancel)
+
     def stream(self, prompt: str, max_tokens: int = 100, params: Any = None, *, buffer: int = 8) -> AsyncTokenStream:
         """Pieces of a completion as they are generated: ``async for`` it, or ``async with`` it.
         Bad arguments raise here, before any iteration."""
@@ -484,6 +518,9 @@ class AsyncContext(_LoopBound):
 
     async def get_embeddings(self) -> Any:
         return await self._call(self.context.get_embeddings)
+
+    async def get_logits(self) -> Any:
+        return await self._call(self.context.get_logits)
 
     async def aclose(self) -> None:
         """Stop the streams still open on this context, then free it."""
@@ -574,6 +611,22 @@ class AsyncEngineStream:
     def completion_tokens(self) -> int:
         """Tokens generated so far."""
         return self._request.completion_tokens if self._request is not None else 0
+
+    @property
+    def tokens(self) -> list[int]:
+        """The ids of the tokens generated so far."""
+        return list(self._request.generated) if self._request is not None else []
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """A TokenLogprob per generated token so far, or None unless the params asked for them."""
+        logprobs = self._request.logprobs if self._request is not None else None
+        return None if logprobs is None else list(logprobs)  # type: ignore[arg-type]
+
+    @property
+    def usage(self) -> Usage:
+        assert self._request is not None
+        return self._request.usage()
 
     def cancel(self) -> None:
         """Stop the request at the engine's next step; iterating then ends."""
@@ -700,6 +753,19 @@ class AsyncEngine(_LoopBound):
     async def generate_from_tokens(self, tokens: Sequence[int], max_tokens: int = 100, params: Any = None) -> str:
         async with self.stream_from_tokens(tokens, max_tokens, params, buffer=1 << 30) as s:
             return await s.aread()
+
+    async def complete(self, prompt: str | Sequence[int], max_tokens: int = 100, params: Any = None) -> Completion:
+        """A :class:`Completion` of ``prompt`` (text or token ids), as :meth:`mullama.Engine.complete`."""
+        if isinstance(prompt, str):
+            stream = self.stream(prompt, max_tokens, params, buffer=1 << 30)
+        else:
+            stream = self.stream_from_tokens(prompt, max_tokens, params, buffer=1 << 30)
+        async with stream as s:
+            try:
+                text = await s.aread()
+            except GenerationCancelled:
+                text = ""
+            return completion_of(s, text)
 
     async def aclose(self) -> None:
         await _run_in_thread(self.engine.close)
