@@ -102,6 +102,7 @@ static inline int mullama_choose(mullama_controls * c, const float * row, llama_
         if (c->want_logprobs) mullama_record(c, row);
         mullama_fill(c, row, &arr);
         llama_sampler_apply(c->chain, &arr);
+        if (arr.selected < 0) return MULLAMA_NO_CHOICE;   /* a bias banned every token */
         llama_token tok = arr.data[arr.selected].id;
         if (c->grammar) {
             llama_token_data one = {tok, 1.0f, 0.0f};

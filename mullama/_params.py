@@ -282,6 +282,14 @@ def _schema_grammar(text: str) -> str:
     return grammar
 
 
+@functools.lru_cache(maxsize=1)
+def _any_string_grammar() -> str:
+    """What the converter makes of a pattern it cannot translate (a lookahead, here)."""
+    from ._llama import _json_schema_to_grammar
+
+    return _json_schema_to_grammar('{"type": "string", "pattern": "^(?=a)$"}')
+
+
 def _check_patterns(schema: object) -> None:
     """llama.cpp's converter turns a string "pattern" it cannot translate into "any string" (with
     a warning on stderr): refuse such a schema instead of ignoring the constraint."""
@@ -303,6 +311,6 @@ def _check_patterns(schema: object) -> None:
             raise GrammarError(f"SamplerParams.json_schema: pattern {pattern!r} is not supported: "
                                "llama.cpp's converter needs it anchored with '^' and '$'")
         alone = _json_schema_to_grammar(_json.dumps({"type": "string", "pattern": pattern}))
-        if alone == _json_schema_to_grammar('{"type": "string"}'):
+        if alone == _any_string_grammar():
             raise GrammarError(f"SamplerParams.json_schema: pattern {pattern!r} uses regular expression "
                                "syntax llama.cpp's converter does not support")

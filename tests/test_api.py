@@ -16,9 +16,16 @@ import mullama
 def test_sampler_params_defaults():
     p = mullama.SamplerParams()
     assert dataclasses.asdict(p) == dict(
+        # The original documentation's sampling defaults.
         temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, typical_p=1.0, penalty_repeat=1.1,
         penalty_freq=0.0, penalty_present=0.0, penalty_last_n=64, seed=0,
+        # Every generation control and extra sampler is off by default (llama.cpp's values).
+        stop=(), grammar=None, json_schema=None, json=False, logit_bias=None, logprobs=False, n_probs=0,
+        min_keep=1, mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1, dry_multiplier=0.0, dry_base=1.75,
+        dry_allowed_length=2, dry_penalty_last_n=-1, dry_sequence_breakers=("\n", ":", '"', "*"),
+        xtc_probability=0.0, xtc_threshold=0.1, top_n_sigma=-1.0,
     )
+    assert p.grammar_text() is None and p.stop_strings() == []
 
 
 def test_presets():

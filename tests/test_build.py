@@ -15,7 +15,9 @@ def test_defaults_build_pinned_native_cpu():
     assert s.pinned and not s.cuda and s.native and s.source_dir == build_llama.VENDOR_DIR
     args = s.cmake_args()
     assert "-DBUILD_SHARED_LIBS=OFF" in args and "-DCMAKE_POSITION_INDEPENDENT_CODE=ON" in args
-    assert "-DLLAMA_CURL=OFF" in args and "-DLLAMA_BUILD_TOOLS=OFF" in args and "-DGGML_NATIVE=ON" in args
+    assert "-DLLAMA_CURL=OFF" in args and "-DGGML_NATIVE=ON" in args
+    # common (schema -> grammar, chat) and the RPC backend are linked in; the web UI never is.
+    assert "-DLLAMA_BUILD_COMMON=ON" in args and "-DGGML_RPC=ON" in args and "-DLLAMA_BUILD_UI=OFF" in args
 
 
 @pytest.mark.parametrize("name", ["GGML_CUDA", "LLAMA_CUDA"])

@@ -363,7 +363,7 @@ BAD = [
     (dict(grammar="root ::= " + '"a" ' * 300_000), GrammarError, "grammar"),
     (dict(grammar="root ::= root \"a\" | \"a\""), GrammarError, "left recursion"),
     (dict(grammar="root ::= (\"a\""), GrammarError, "expecting"),
-    (dict(grammar="root ::= undefined_rule"), GrammarError, "undefined_rule"),
+    (dict(grammar="root ::= undefined-rule"), GrammarError, "undefined-rule"),
     (dict(grammar="item ::= \"a\""), GrammarError, "root"),
     (dict(grammar=b"root ::= \"a\""), TypeError, "grammar"),
     (dict(json_schema=["not", "a", "dict"]), TypeError, "json_schema"),
