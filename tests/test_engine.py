@@ -15,12 +15,14 @@ PROMPTS = ["The capital of France is", "Water boils at", "def add(a, b):", "Once
            "The largest planet is", "My favourite colour is"]
 
 
+# solo and engine run on each generation model (conftest.GENERATORS), so every test that uses them
+# does too: llama with BPE, Gemma 3 with SentencePiece and sliding-window attention.
 @pytest.fixture(scope="module")
-def solo(smollm):
+def solo(generator):
     """What each prompt gives when served alone (greedy, 24 tokens)."""
     g = mullama.sampler_params_greedy()
     out = {}
-    with mullama.Context(smollm, n_ctx=512) as ctx:
+    with mullama.Context(generator, n_ctx=512) as ctx:
         for p in PROMPTS:
             ctx.clear_cache()
             out[p] = ctx.generate(p, 24, g)
@@ -28,8 +30,8 @@ def solo(smollm):
 
 
 @pytest.fixture(scope="module")
-def engine(smollm):
-    with mullama.Engine(smollm, n_parallel=4, n_ctx=4096, n_batch=256) as e:
+def engine(generator):
+    with mullama.Engine(generator, n_parallel=4, n_ctx=4096, n_batch=256) as e:
         yield e
 
 

@@ -32,11 +32,11 @@ def test_metadata_holds_gguf_keys(smollm):
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
 
 
-def test_tokenize_round_trip(smollm):
-    text = "Hello world, naïve café — 東京 🙂"
-    tokens = smollm.tokenize(text)
+@pytest.mark.parametrize("text", ["Hello world, naïve café — 東京 🙂", "  two leading spaces\n\ttab", "ℌℑℜ 👩🏽‍💻 ﬁ"])
+def test_tokenize_round_trip(generator, text):
+    tokens = generator.tokenize(text)
     assert all(isinstance(t, int) for t in tokens)
-    assert smollm.detokenize(tokens) == text
+    assert generator.detokenize(tokens) == text
 
 
 def test_tokenize_special_parses_control_tokens(smollm):
