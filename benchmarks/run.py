@@ -34,7 +34,6 @@ from . import peers
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = len(os.sched_getaffinity(0))
-SHARED = ROOT.parent / "shared" / "models"
 STORY = "Once upon a time"
 COUNTING = "1, 2, 3, 4, 5,"
 
@@ -265,10 +264,7 @@ def sentence_transformers(st_py, texts) -> float:
 
 
 def bench_embed(t: Table, lcp_py, reps, n, st_py=None):
-    path = SHARED / "all-MiniLM-L6-v2-f16.gguf"
-    if not path.is_file():
-        print("  (embeddings skipped: ../shared/models is absent)")
-        return
+    path = mullama.models.fetch("all-minilm-l6-v2")
     texts = _sentences(n)
     model = mullama.Model.load(path)
     batch, single, other, st = [], [], [], []

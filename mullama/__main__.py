@@ -1,4 +1,4 @@
-"""Command line: ``python -m mullama generate "Once upon a time"``."""
+"""Command line: ``mullama generate "Once upon a time"``, ``mullama convert FOLDER``."""
 
 from __future__ import annotations
 
@@ -19,9 +19,21 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
     sub.add_parser("info", help="print the llama.cpp build information")
+    conv = sub.add_parser("convert", help="convert a BERT sentence-transformers FOLDER to GGUF (no PyTorch); print its path")
+    conv.add_argument("folder")
+    conv.add_argument("-o", "--out", help="where to write the GGUF file (default: the model cache)")
+    conv.add_argument("--outtype", choices=["f16", "f32", "q8_0"], default="f16")
     args = parser.parse_args(argv)
 
     import mullama
+
+    if args.command == "convert":
+        try:
+            print(mullama.models.convert(args.folder, outtype=args.outtype, out=args.out))
+        except mullama.MullamaError as exc:
+            print(f"mullama: {exc}", file=sys.stderr)
+            return 1
+        return 0
 
     if args.command == "info":
         print(f"mullama {mullama.__version__}, llama.cpp {mullama.version()}")

@@ -8,6 +8,7 @@ exception fits, the class derives from it too, so ``except FileNotFoundError`` k
      |    +-- ModelNotFoundError        (also FileNotFoundError)
      |    +-- InvalidModelError         (also ValueError): not GGUF, truncated, unsupported
      |    +-- ModelIntegrityError       a downloaded file's sha256 is not the expected one
+     |    +-- ModelDownloadError        (also ConnectionError): the registry could not be reached
      +-- ContextCreateError             (also MemoryError): n_ctx/n_batch beyond what can be allocated
      +-- InvalidArgumentError           (also ValueError): bad parameters, empty prompt, bad token id
      |    +-- ContextOverflowError      a prompt or text longer than the context can hold
@@ -33,6 +34,7 @@ __all__ = [
     "ModelNotFoundError",
     "InvalidModelError",
     "ModelIntegrityError",
+    "ModelDownloadError",
     "ContextCreateError",
     "InvalidArgumentError",
     "ContextOverflowError",
@@ -67,6 +69,10 @@ class InvalidModelError(ModelLoadError, ValueError):
 
 class ModelIntegrityError(ModelLoadError):
     """A downloaded model file (or the package holding it) does not have the expected sha256."""
+
+
+class ModelDownloadError(ModelLoadError, ConnectionError):
+    """A model's package could not be downloaded (no network, registry unreachable, no such version)."""
 
 
 class ContextCreateError(MullamaError, MemoryError):

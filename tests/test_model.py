@@ -32,11 +32,11 @@ def test_metadata_holds_gguf_keys(smollm):
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
 
 
-def test_tokenize_round_trip(smollm):
-    text = "Hello world, naïve café — 東京 🙂"
-    tokens = smollm.tokenize(text)
+@pytest.mark.parametrize("text", ["Hello world, naïve café — 東京 🙂", "  two leading spaces\n\ttab", "ℌℑℜ 👩🏽‍💻 ﬁ"])
+def test_tokenize_round_trip(generator, text):
+    tokens = generator.tokenize(text)
     assert all(isinstance(t, int) for t in tokens)
-    assert smollm.detokenize(tokens) == text
+    assert generator.detokenize(tokens) == text
 
 
 def test_tokenize_special_parses_control_tokens(smollm):
@@ -199,3 +199,14 @@ def test_hostile_files_never_crash_the_interpreter(tmp_path, smollm_path):
     proc = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("error InvalidModelError") == len(cases), proc.stdout
+
+
+def test_gemma_is_a_second_architecture(gemma):
+    # What the cross-architecture tests exercise beyond SmolLM2 (llama, BPE).
+    meta = gemma.metadata()
+    assert gemma.architecture == "gemma3"
+    assert meta["tokenizer.ggml.model"] == "llama"   # SentencePiece
+    assert int(meta["gemma3.attention.sliding_window"]) == 512
+    assert gemma.tokenize("Hi")[0] == int(meta["tokenizer.ggml.bos_token_id"])
+    # The registry's GGUF carries no chat template (test_context formats Gemma's turns by hand).
+    assert gemma.chat_template is None
