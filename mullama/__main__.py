@@ -23,6 +23,22 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("folder")
     conv.add_argument("-o", "--out", help="where to write the GGUF file (default: the model cache)")
     conv.add_argument("--outtype", choices=["f16", "f32", "q8_0"], default="f16")
+    srv = sub.add_parser("serve", help="serve OpenAI's API (chat, completions, embeddings) over HTTP")
+    srv.add_argument("-m", "--model", help="path of a GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
+    srv.add_argument("--embedding-model", help="GGUF file for /v1/embeddings (default: the model)")
+    srv.add_argument("--parallel", "-np", type=int, default=8, help="requests decoded together (default 8)")
+    srv.add_argument("--ctx-size", "-c", type=int, default=None,
+                     help="context tokens in all, split between the parallel requests (default: 2048 each)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: none)")
+    srv.add_argument("--max-waiting", type=int, default=None,
+                     help="requests allowed to wait for a slot; beyond them 503 + Retry-After (default: no limit)")
+    srv.add_argument("--alias", default=None, help="the model's name in the API (default: its file name)")
+    srv.add_argument("-t", "--threads", type=int, default=0)
+    srv.add_argument("--drain", type=float, default=10.0,
+                     help="seconds Ctrl-C or SIGTERM waits for running requests before exiting (default 10)")
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
 
     import mullama
@@ -34,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mullama: {exc}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "serve":
+        return _serve(args)
 
     if args.command == "info":
         print(f"mullama {mullama.__version__}, llama.cpp {mullama.version()}")
@@ -59,6 +77,37 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import mullama
+
+    try:
+        import uvicorn
+
+        from mullama.server import create_app
+    except ImportError as exc:
+        print(f"mullama serve needs the server extra: pip install 'mullama[server]' ({exc})", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("mullama").setLevel(logging.WARNING)   # llama.cpp's own log stays quiet
+    logging.getLogger("mullama.server").setLevel(args.log_level.upper())
+    try:   # loaded before the port opens: a bad file stops here, with llama.cpp's reason
+        model = mullama.Model.load(args.model or mullama.models.fetch())
+        embedding = mullama.Model.load(args.embedding_model) if args.embedding_model else None
+    except mullama.MullamaError as exc:
+        print(f"mullama: {exc}", file=sys.stderr)
+        return 1
+    app = create_app(model, embedding_model=embedding, parallel=args.parallel, ctx_size=args.ctx_size,
+                     api_key=args.api_key, max_waiting=args.max_waiting, model_name=args.alias,
+                     n_threads=args.threads)
+    # uvloop and httptools where installed ("auto"); uvicorn's SIGINT/SIGTERM handling stops
+    # accepting, waits up to --drain seconds for running requests, then closes the engine.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                timeout_graceful_shutdown=args.drain, loop="auto", http="auto")
     return 0
 
 
