@@ -15,14 +15,15 @@ PROMPTS = ["The capital of France is", "Water boils at", "def add(a, b):", "Once
            "The largest planet is", "My favourite colour is"]
 
 
-# solo and engine run on each generation model (conftest.GENERATORS), so every test that uses them
-# does too: llama with BPE, Gemma 3 with SentencePiece and sliding-window attention.
+# solo and engine run on SmolLM2: on Gemma 3, concurrent greedy text differs from solo text by
+# llama.cpp's batch-shape arithmetic (see BATCH_SHAPE_SENSITIVE below), so the Engine's behaviour
+# on both architectures is checked by test_concurrent_greedy_equals_served_alone_on_each_architecture.
 @pytest.fixture(scope="module")
-def solo(generator):
+def solo(smollm):
     """What each prompt gives when served alone (greedy, 24 tokens)."""
     g = mullama.sampler_params_greedy()
     out = {}
-    with mullama.Context(generator, n_ctx=512) as ctx:
+    with mullama.Context(smollm, n_ctx=512) as ctx:
         for p in PROMPTS:
             ctx.clear_cache()
             out[p] = ctx.generate(p, 24, g)
@@ -30,8 +31,8 @@ def solo(generator):
 
 
 @pytest.fixture(scope="module")
-def engine(generator):
-    with mullama.Engine(generator, n_parallel=4, n_ctx=4096, n_batch=256) as e:
+def engine(smollm):
+    with mullama.Engine(smollm, n_parallel=4, n_ctx=4096, n_batch=256) as e:
         yield e
 
 
