@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,31 @@ import mullama
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 VENDOR = ROOT / "vendor" / "llama.cpp"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(proc: subprocess.Popen, base: str, what: str, timeout: float) -> None:
+    """Poll base/health until it answers 200; a server that exits or never answers is killed and
+    the test fails with the end of its output (when its stdout is a pipe)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out = proc.stdout.read().decode(errors="replace")[-3000:] if proc.stdout else ""
+            raise RuntimeError(f"{what} did not start: {out}")
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import mullama
 import mullama.aio
 from mullama import GrammarError, InvalidArgumentError, SamplerParams
 
-from conftest import VENDOR
+from conftest import VENDOR, free_port, wait_until_healthy
 
 PROMPT = "Once upon a time"
 N = 40
@@ -206,37 +206,25 @@ def test_json_schema_outputs_validate_for_20_seeds(smollm):
 # -- differential: llama.cpp's own server, same grammar, same prompt -------------------------
 
 @pytest.fixture(scope="module")
-def llama_server(smollm_path):
-    import build_llama
-    import socket
+def llama_server(smollm_path, tmp_path_factory):
     import subprocess
-    import time
-    import urllib.request
+
+    import build_llama
 
     exe = build_llama.build_tool("llama-server")["llama-server"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("llama-server") / "log.txt", "wb")   # its log is long: not a pipe
     proc = subprocess.Popen([str(exe), "-m", str(smollm_path), "--host", "127.0.0.1", "--port", str(port),
                              "-c", "1024", "-np", "1", "-t", "2", "--no-webui"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-2000:]
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "llama-server did not become healthy"
-            time.sleep(0.2)
+        wait_until_healthy(proc, url, f"llama-server (log: {log.name})", 120)
         yield url
     finally:
         proc.terminate()
         proc.wait(30)
+        log.close()
 
 
 def server_completion(url: str, prompt: str, n: int, grammar: str) -> str:

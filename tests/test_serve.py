@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import httpx
 import jsonschema
 import numpy as np
 import pytest
+
+from conftest import free_port, wait_until_healthy
 
 openai = pytest.importorskip("openai")
 
@@ -31,31 +32,16 @@ THREADS = ["--threads", "1"]
 EMBED = "minilm"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(args: list[str], key: str | None = KEY) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "mullama", "serve", "--port", str(port), "--log-level", "warning", *args]
     if key:
         cmd += ["--api-key", key]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mullama serve did not start: {proc.stdout.read().decode()[-3000:]}")
-        time.sleep(0.2)
+    wait_until_healthy(proc, base, "mullama serve", 90)
+    return proc, base
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -472,7 +458,7 @@ def test_create_app_serves_a_loaded_model_in_process(smollm):
 
     from mullama.server import create_app
 
-    port = _free_port()
+    port = free_port()
     app = create_app(smollm, parallel=2, ctx_size=1024, model_name="mine", n_threads=1)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

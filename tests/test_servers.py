@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import httpx
 import pytest
 
 import mullama
+from conftest import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.anyio
@@ -26,15 +26,9 @@ def anyio_backend():
     return "asyncio"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=["fastapi", "aiohttp"])
 def server(request, smollm_path, minilm_path):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MULLAMA_MODEL=str(smollm_path), MULLAMA_EMBED_MODEL=str(minilm_path),
                MULLAMA_PARALLEL="4", PYTHONPATH=str(ROOT))
     if request.param == "fastapi":
@@ -44,17 +38,7 @@ def server(request, smollm_path, minilm_path):
         cmd = [sys.executable, str(ROOT / "examples" / "aiohttp_app.py"), str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{request.param} server did not start: {proc.stdout.read().decode()[-2000:]}")
-        time.sleep(0.2)
+    wait_until_healthy(proc, base, f"the {request.param} example", 60)
     yield base
     proc.terminate()
     try:
