@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Completion", "TokenLogprob", "TopLogprob", "Usage", "completion_of"]
+from ._errors import GenerationCancelled
+
+__all__ = ["Completion", "TokenLogprob", "TopLogprob", "Usage", "completion_of", "read_until_cancelled"]
 
 
 @dataclass(frozen=True)
@@ -68,3 +70,15 @@ def completion_of(stream: Any, text: str) -> Completion:
     logprobs = stream.logprobs
     return Completion(text, tuple(stream.tokens), stream.finish_reason,
                       None if logprobs is None else tuple(logprobs), stream.usage)
+
+
+def read_until_cancelled(stream: Any) -> str:
+    """The text of a sync stream; what there is so far if it is cancelled (complete() reports a
+    cancel as finish_reason "cancelled", not as an exception)."""
+    pieces = []
+    try:
+        for piece in stream:
+            pieces.append(piece)
+    except GenerationCancelled:
+        pass
+    return "".join(pieces)

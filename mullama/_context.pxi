@@ -576,20 +576,12 @@ cdef class TokenStream:
                 n = mullama_ready(self.g.ctl)
                 if n > 0:
                     break
-        self._collect()
+        _collect(self.ctx.model, self.g.ctl, self._tokens, self._logprobs)
         if rc == STEP_TOKEN:
             piece = self.g.ctl.text.substr(0, n).decode("utf-8", "replace")
             self.g.ctl.text.erase(0, n)
             return piece
         return self._last_piece(rc)
-
-    cdef void _collect(self):
-        """Copy the records of the tokens generated since the last piece."""
-        cdef size_t start = len(self._tokens)
-        if self.g.ctl.tokens.size() > start:
-            self._tokens.extend(_new_tokens(self.g.ctl, start))
-            if self._logprobs is not None:
-                self._logprobs.extend(_new_logprobs(self.ctx.model, self.g.ctl, start))
 
     cdef int _begin(self) except -1:
         """Claim the context at the first next(), not at creation: an unused stream holds nothing."""

@@ -6,18 +6,7 @@ import time as _time
 import weakref as _weakref
 
 from ._batching import EngineRequest, EngineStream
-from ._completion import completion_of
-
-
-def _read_until_cancelled(stream):
-    """The text of a stream; what there is so far if it is cancelled."""
-    pieces = []
-    try:
-        for piece in stream:
-            pieces.append(piece)
-    except GenerationCancelled:
-        pass
-    return "".join(pieces)
+from ._completion import completion_of, read_until_cancelled
 
 
 def _engine_thread(engine_ref, kick, int nice):
@@ -287,7 +276,7 @@ cdef class Engine:
         else:
             req = self._submit(None, prompt, max_tokens, params, 1 << 30)
         with EngineStream(req, self) as s:
-            return completion_of(s, _read_until_cancelled(s))
+            return completion_of(s, read_until_cancelled(s))
 
     def stats(self):
         """Running and waiting requests, slot use and recent generated tokens per second."""
@@ -424,7 +413,7 @@ cdef class Engine:
             if s.sampled:
                 produced += 1
                 r.completion_tokens = s.n_generated
-                self._collect(r, s.ctl)
+                _collect(self.core.model, s.ctl, r.generated, r.logprobs)
             if s.state == SLOT_DONE and s.finish == FINISH_NO_LOGITS:
                 self._free_slot(i, None, self.core.model._no_logits_error())
                 continue
@@ -439,13 +428,6 @@ cdef class Engine:
                 s.ctl.text.erase(0, n)
         self._generated_total += produced
         self._done_times.append((_time.monotonic(), produced))
-
-    cdef void _collect(self, object r, mullama_controls * ctl):
-        """Hand the request the records of the tokens generated this step."""
-        cdef size_t start = len(r.generated)
-        r.generated.extend(_new_tokens(ctl, start))
-        if r.logprobs is not None:
-            r.logprobs.extend(_new_logprobs(self.core.model, ctl, start))
 
     cdef void _fail_batch(self, Decoded decoded):
         cdef int i

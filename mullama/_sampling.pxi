@@ -6,7 +6,6 @@ from ._params import _strings
 
 
 cdef extern from "_controls.h" nogil:
-    cdef int MULLAMA_MAX_TOP
     ctypedef struct mullama_alt:
         llama_token token
         float logprob
@@ -227,6 +226,17 @@ cdef int _add_dry(llama_sampler * chain, object params, Model model, int n_ctx) 
 
 
 # -- results -----------------------------------------------------------------------------------
+
+cdef int _collect(Model model, mullama_controls * c, list tokens, list logprobs) except -1:
+    """Append to tokens (and logprobs, unless None) the records of the tokens generated since
+    the last call: a stream's or an engine request's lists, read by their consumer."""
+    cdef size_t start = len(tokens)
+    if c.tokens.size() > start:
+        tokens.extend(_new_tokens(c, start))
+        if logprobs is not None:
+            logprobs.extend(_new_logprobs(model, c, start))
+    return 0
+
 
 cdef list _new_tokens(mullama_controls * c, size_t start):
     return [c.tokens[i] for i in range(start, c.tokens.size())]

@@ -26,7 +26,7 @@ import sniffio
 
 from ._errors import ContextBusyError, GenerationCancelled, InvalidArgumentError, WrongEventLoopError
 from ._batching import EngineRequest
-from ._completion import Completion, TokenLogprob, Usage, completion_of
+from ._completion import Completion, TokenLogprob, Usage, completion_of, read_until_cancelled
 from ._llama import Context, EmbeddingGenerator, Engine, Model, TokenStream, _yield_to_waking_threads
 
 __all__ = ["load_model", "AsyncContext", "AsyncTokenStream", "AsyncEmbeddingGenerator", "AsyncEngine", "AsyncEngineStream"]
@@ -488,13 +488,7 @@ class AsyncContext(_LoopBound):
 
         def run() -> Completion:
             with stream:
-                pieces = []
-                try:
-                    for piece in stream:
-                        pieces.append(piece)
-                except GenerationCancelled:
-                    pass
-                return completion_of(stream, "".join(pieces))
+                return completion_of(stream, read_until_cancelled(stream))
 
         return await self._call(run, stream.cancel)
 
