@@ -46,6 +46,7 @@ KNOWN_SETTINGS = {
     "MULLAMA_BUILD_CACHE",
     "MULLAMA_CACHE",  # the model cache, read at run time, not by the build
     "MULLAMA_EXAMPLE_THREADS",  # threads of the llama.cpp example programs (tests, benchmarks)
+    "MULLAMA_GPU_MODEL",  # the model tests/test_gpu.py runs on (default: the fetched one)
 }
 SANITIZERS = {"address": "LLAMA_SANITIZE_ADDRESS", "undefined": "LLAMA_SANITIZE_UNDEFINED"}
 

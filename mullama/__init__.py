@@ -25,13 +25,17 @@ from ._errors import (
     ModelLoadError,
     ModelNotFoundError,
     MullamaError,
+    StateError,
+    AdapterError,
 )
 from ._llama import (
     Context,
     EmbeddingGenerator,
     Engine,
+    LoraAdapter,
     Model,
     TokenStream,
+    rpc_serve,
     backend_free,
     backend_init,
     max_devices,
@@ -98,6 +102,8 @@ __all__ = [
     "EmbeddingGenerator",
     "Engine",
     "EngineStream",
+    "LoraAdapter",
+    "rpc_serve",
     "SamplerParams",
     "Completion",
     "TokenLogprob",
@@ -132,4 +138,6 @@ __all__ = [
     "ChatTemplateError",
     "GenerationCancelled",
     "ModelFileChangedError",
+    "StateError",
+    "AdapterError",
 ]

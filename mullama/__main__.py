@@ -39,6 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--drain", type=float, default=10.0,
                      help="seconds Ctrl-C or SIGTERM waits for running requests before exiting (default 10)")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    srv.add_argument("--rpc", default=None,
+                     help="comma-separated host:port of mullama rpc-server processes to spread the layers over")
+    rpc = sub.add_parser("rpc-server", help="offer this machine's compute to llama.cpp RPC clients (no authentication: "
+                                            "private networks only)")
+    rpc.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    rpc.add_argument("--port", "-p", type=int, default=50052)
+    rpc.add_argument("--threads", "-t", type=int, default=0, help="CPU threads (default: the cores available)")
+    rpc.add_argument("--cache", default=None, metavar="DIR",
+                     help="keep large tensors in DIR between runs, so clients send them once")
     args = parser.parse_args(argv)
 
     import mullama
@@ -52,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return _serve(args)
+    if args.command == "rpc-server":
+        return _rpc_server(args)
 
     if args.command == "info":
         print(f"mullama {mullama.__version__}, llama.cpp {mullama.version()}")
@@ -96,7 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("mullama").setLevel(logging.WARNING)   # llama.cpp's own log stays quiet
     logging.getLogger("mullama.server").setLevel(args.log_level.upper())
     try:   # loaded before the port opens: a bad file stops here, with llama.cpp's reason
-        model = mullama.Model.load(args.model or mullama.models.fetch())
+        model = mullama.Model.load(args.model or mullama.models.fetch(), rpc=args.rpc)
         embedding = mullama.Model.load(args.embedding_model) if args.embedding_model else None
     except mullama.MullamaError as exc:
         print(f"mullama: {exc}", file=sys.stderr)
@@ -108,6 +119,25 @@ def _serve(args: argparse.Namespace) -> int:
     # accepting, waits up to --drain seconds for running requests, then closes the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 timeout_graceful_shutdown=args.drain, loop="auto", http="auto")
+    return 0
+
+
+def _rpc_server(args: argparse.Namespace) -> int:
+    import signal
+
+    import mullama
+
+    if args.host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"mullama rpc-server: listening on {args.host}: the RPC protocol has no authentication; "
+              "keep this port on a private network", file=sys.stderr)
+    # The server loop runs in C and never returns to Python: let Ctrl-C and SIGTERM end the process.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        mullama.rpc_serve(args.host, args.port, n_threads=args.threads, cache_dir=args.cache)
+    except mullama.MullamaError as exc:
+        print(f"mullama: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -129,12 +129,14 @@ cdef class Context:
     def __init__(self, Model model not None, *, n_ctx=0, n_batch=2048, n_threads=0, embeddings=False,
                  n_seq_max=1, flash_attn=None, rope_scaling=None, rope_freq_base=None, rope_freq_scale=None,
                  yarn_ext_factor=None, yarn_attn_factor=None, yarn_beta_fast=None, yarn_beta_slow=None,
-                 yarn_orig_ctx=None):
+                 yarn_orig_ctx=None, adapters=None):
+        applied = _check_adapters(model, adapters)
         rope = dict(rope_scaling=rope_scaling, rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale,
                     yarn_ext_factor=yarn_ext_factor, yarn_attn_factor=yarn_attn_factor,
                     yarn_beta_fast=yarn_beta_fast, yarn_beta_slow=yarn_beta_slow, yarn_orig_ctx=yarn_orig_ctx)
         self.core = _NativeContext.open(model, n_ctx, n_batch, n_threads, bool(embeddings), n_seq_max, flash_attn,
                                        rope, None)
+        self.core.set_adapters(applied)
         self.model = model
         self._lock = threading.Lock()
         self._owner = None
@@ -409,6 +411,88 @@ cdef class Context:
             self.hist.clear()
         finally:
             self._leave()
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    @property
+    def adapters(self):
+        """The (LoraAdapter, scale) pairs this context computes with."""
+        return self._core().adapters
+
+    def set_adapters(self, adapters):
+        """Compute with these (LoraAdapter, scale) pairs from now on (``[]``: the base model).
+
+        A change empties the cache: what it holds was computed with the old adapters."""
+        self._check()
+        applied = _check_adapters(self.model, adapters)
+        self._enter(self.core.ticket())
+        try:
+            if [(id(a), s) for a, s in applied] != [(id(a), s) for a, s in self.core.adapters]:
+                self.core.set_adapters(applied)
+                self.core.clear()
+                self.hist.clear()
+        finally:
+            self._leave()
+
+    # -- saved state -------------------------------------------------------------------------
+
+    def get_state(self):
+        """The cache and its tokens as bytes, for :meth:`set_state` on a Context of the same
+        model file and ``n_ctx``, in this process or another. Adapters are not saved: apply
+        the same ones before loading.
+
+        >>> data = ctx.get_state()           # doctest: +SKIP
+        >>> other.set_state(data)            # doctest: +SKIP
+        """
+        self._check()
+        self._check_has_cache()
+        self._enter(self.core.ticket())
+        try:
+            blob = self.core.seq_state(0)
+            return _state.pack(self.model, self.core.n_ctx, self.cached_tokens, blob)
+        finally:
+            self._leave()
+
+    def set_state(self, data):
+        """Replace what the context holds with a state from :meth:`get_state`; the next prompt
+        that starts with its tokens decodes only what follows them.
+
+        StateError (leaving the context as it was) for a state of another model or ``n_ctx``,
+        or a truncated or corrupted one."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError(f"state must be bytes, got {type(data).__name__}")
+        self._restore(data, "the state")
+
+    def save_state(self, path):
+        """Write :meth:`get_state` to ``path`` (atomically: a crash leaves any old file whole)."""
+        _state.write_file(path, self.get_state())
+
+    def load_state(self, path):
+        """Load a state written by :meth:`save_state` (see :meth:`set_state`)."""
+        self._restore(_state.read_file(path), f"state file {os.fspath(path)!r}")
+
+    cdef int _check_has_cache(self) except -1:
+        if not self.core.has_memory():
+            raise InvalidArgumentError(f"model {self.model.path!r} keeps no cache between calls: no state to save")
+        return 0
+
+    cdef int _restore(self, object data, str what) except -1:
+        self._check()
+        self._check_has_cache()
+        saved = _state.unpack(data, what)
+        _state.check_fits(saved, self.model, self.core.n_ctx, what)
+        cdef vector[llama_token] toks
+        self.model._tokens_to_vector(saved.tokens, toks)
+        self._enter(self.core.ticket())
+        try:
+            self.hist.clear()
+            if not self.core.set_seq_state(0, saved.blob, <int> toks.size()):
+                raise StateError(f"{what} could not be loaded into this context: "
+                                 "llama.cpp refused its cache (another cache type or layout?)")
+            self.hist = toks
+        finally:
+            self._leave()
+        return 0
 
     def get_logits(self):
         """The raw logits of the last decoded token (one per vocabulary entry, float32 numpy

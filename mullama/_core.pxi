@@ -1,8 +1,9 @@
 # Logging, error mapping, interrupt polling and small helpers shared by the native classes.
 
 cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
-from libc.stdint cimport int32_t, int64_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from posix.unistd cimport close
@@ -33,8 +34,11 @@ from ._errors import (
     ModelLoadError,
     ModelNotFoundError,
     MullamaError,
+    StateError,
+    AdapterError,
     decode_failure,
 )
+from . import _state
 from ._params import SamplerParams
 
 

@@ -171,8 +171,9 @@ cdef class Engine:
         self.slots = NULL
 
     def __init__(self, Model model not None, *, n_parallel=8, n_ctx=None, n_batch=512, n_threads=0,
-                 prompt_chunk=None, nice=0):
+                 prompt_chunk=None, nice=0, adapters=None):
         model._check()
+        applied = _check_adapters(model, adapters)
         _check_int(n_parallel, "n_parallel", 1, llama_max_parallel_sequences())
         if n_ctx is None:
             n_ctx = n_parallel * min(2048, max(8, model.n_ctx_train))
@@ -182,6 +183,7 @@ cdef class Engine:
         if not self.core.has_memory():   # encoder-only: no logits to sample
             self.core.free()
             raise model._no_logits_error()
+        self.core.set_adapters(applied)   # one context: every sequence shares them
         self.n_parallel = n_parallel
         self.n_slots = n_parallel
         self._n_ctx_seq = llama_n_ctx_seq(self.core.st.ctx)
@@ -207,6 +209,11 @@ cdef class Engine:
         self.thread = threading.Thread(target=_engine_thread, args=(_weakref.ref(self), self.kick, self._nice),
                                        name="mullama-engine", daemon=True)
         self.thread.start()
+
+    @property
+    def adapters(self):
+        """The (LoraAdapter, scale) pairs every sequence of this engine computes with."""
+        return self.core.adapters
 
     @property
     def n_ctx_per_sequence(self):

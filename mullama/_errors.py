@@ -22,6 +22,10 @@ exception fits, the class derives from it too, so ``except FileNotFoundError`` k
      +-- ChatTemplateError              (also ValueError): no template, or it cannot be applied
      +-- GenerationCancelled            a generation was cancelled from another thread
      +-- ModelFileChangedError          (also RuntimeError): a mapped model file changed on disk
+     +-- StateError                     a saved state that does not fit this model or context,
+     |                                  or is truncated or corrupted
+     +-- AdapterError                   (also ValueError): a LoRA adapter that cannot be loaded
+                                        or does not belong to the model
 
 KeyboardInterrupt raised during a native loop is passed through unchanged.
 """
@@ -47,6 +51,8 @@ __all__ = [
     "ChatTemplateError",
     "GenerationCancelled",
     "ModelFileChangedError",
+    "StateError",
+    "AdapterError",
     "decode_failure",
 ]
 
@@ -122,6 +128,14 @@ class ChatTemplateError(MullamaError, ValueError):
 
 class GenerationCancelled(MullamaError):
     """The generation was cancelled (``cancel()``) before it finished."""
+
+
+class StateError(MullamaError):
+    """A saved state cannot be loaded: another model or context size, or a damaged file."""
+
+
+class AdapterError(MullamaError, ValueError):
+    """A LoRA adapter file cannot be loaded, or was made for another model."""
 
 
 class ModelFileChangedError(MullamaError, RuntimeError):

@@ -21,6 +21,38 @@ cdef extern from "ggml.h" nogil:
     int64_t ggml_time_us()
 
 
+cdef extern from "ggml-backend.h" nogil:
+    cdef struct ggml_backend_device:
+        pass
+    ctypedef ggml_backend_device * ggml_backend_dev_t
+    cdef struct ggml_backend_reg:
+        pass
+    ctypedef ggml_backend_reg * ggml_backend_reg_t
+    cdef enum ggml_backend_dev_type:
+        GGML_BACKEND_DEVICE_TYPE_CPU
+        GGML_BACKEND_DEVICE_TYPE_GPU
+        GGML_BACKEND_DEVICE_TYPE_IGPU
+        GGML_BACKEND_DEVICE_TYPE_ACCEL
+    size_t ggml_backend_dev_count()
+    ggml_backend_dev_t ggml_backend_dev_get(size_t index)
+    ggml_backend_dev_t ggml_backend_dev_by_type(ggml_backend_dev_type type)
+    # C names the function like the enum; Cython cannot, hence the one renamed declaration.
+    ggml_backend_dev_type ggml_backend_dev_get_type "ggml_backend_dev_type"(ggml_backend_dev_t device)
+    const char * ggml_backend_dev_name(ggml_backend_dev_t device)
+    const char * ggml_backend_dev_description(ggml_backend_dev_t device)
+    void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total)
+    ggml_backend_reg_t ggml_backend_dev_backend_reg(ggml_backend_dev_t device)
+    const char * ggml_backend_reg_name(ggml_backend_reg_t reg)
+    size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg)
+    ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index)
+
+
+cdef extern from "ggml-rpc.h" nogil:
+    ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint)
+    void ggml_backend_rpc_start_server(const char * endpoint, const char * cache_dir, size_t n_threads,
+                                       size_t n_devices, ggml_backend_dev_t * devices)
+
+
 cdef extern from "gguf.h" nogil:
     cdef enum gguf_type:
         GGUF_TYPE_UINT8
@@ -75,6 +107,8 @@ cdef extern from "llama.h" nogil:
     cdef struct llama_sampler:
         pass
     cdef struct llama_memory_i:
+        pass
+    cdef struct llama_adapter_lora:
         pass
     ctypedef llama_memory_i * llama_memory_t
 
@@ -139,6 +173,7 @@ cdef extern from "llama.h" nogil:
         int32_t main_gpu
         llama_progress_callback progress_callback
         void * progress_callback_user_data
+        ggml_backend_dev_t * devices
         bint vocab_only
         bint check_tensors
 
@@ -232,6 +267,16 @@ cdef extern from "llama.h" nogil:
     void llama_memory_clear(llama_memory_t mem, bint data)
     bint llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1)
     llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id)
+
+    size_t llama_state_seq_get_size(llama_context * ctx, llama_seq_id seq_id)
+    size_t llama_state_seq_get_data(llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq_id)
+    size_t llama_state_seq_set_data(llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id)
+
+    llama_adapter_lora * llama_adapter_lora_init(llama_model * model, const char * path_lora)
+    void llama_adapter_lora_free(llama_adapter_lora * adapter)
+    int32_t llama_adapter_meta_val_str(const llama_adapter_lora * adapter, const char * key, char * buf, size_t buf_size)
+    int32_t llama_set_adapters_lora(llama_context * ctx, llama_adapter_lora ** adapters, size_t n_adapters,
+                                    float * scales)
 
     llama_batch llama_batch_init(int32_t n_tokens, int32_t embd, int32_t n_seq_max)
     void llama_batch_free(llama_batch batch)

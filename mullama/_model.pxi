@@ -90,10 +90,18 @@ cdef class Model:
         raise TypeError("use Model.load(path) to load a model")
 
     @staticmethod
-    def load(path, *, n_gpu_layers=0, bint use_mmap=True, bint use_mlock=False, bint vocab_only=False):
+    def load(path, *, n_gpu_layers=None, bint use_mmap=True, bint use_mlock=False, bint vocab_only=False,
+             rpc=None):
         """Load a GGUF file.
 
-        ``n_gpu_layers`` layers go to the GPU when the build has one (-1 means all).
+        ``n_gpu_layers`` layers go to the GPU when the build has one (-1 means all; the
+        default is none, or all when ``rpc`` is given).
+
+        ``rpc=["host:port", ...]`` spreads the offloaded layers over ``mullama rpc-server``
+        processes (llama.cpp's RPC backend), in proportion to the memory each reports, ahead of
+        this machine's own GPUs. An endpoint that does not accept a connection within
+        ``RPC_CONNECT_TIMEOUT`` seconds raises ModelLoadError naming it. llama.cpp's RPC client
+        ends the process if a server dies while in use: see the README, "Scaling out".
         Raises ModelNotFoundError for a missing path or a directory, InvalidModelError for a file
         that is not a loadable GGUF model; the message carries llama.cpp's own reason.
 
@@ -128,10 +136,16 @@ cdef class Model:
             raise InvalidModelError(
                 f"{fspath!r} is not a GGUF file (it starts with {magic!r}, expected b'GGUF')"
             )
+        if n_gpu_layers is None:
+            n_gpu_layers = 0 if rpc is None else -1
         _check_int(n_gpu_layers, "n_gpu_layers", -1, 1 << 20)   # -1 offloads all layers
 
         cdef llama_model_params params = llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        cdef vector[ggml_backend_dev_t] devices
+        if rpc is not None:
+            _rpc_devices(_rpc_endpoints(rpc), devices)
+            params.devices = devices.data()
         params.vocab_only = vocab_only
         if use_mmap and use_mlock:
             params.load_mode = LLAMA_LOAD_MODE_MMAP_MLOCK
@@ -179,6 +193,19 @@ cdef class Model:
         model._n_vocab = llama_vocab_n_tokens(model.vocab)
         model.path = fspath
         return model
+
+    def load_adapter(self, path):
+        """Load a LoRA adapter (GGUF) made for this model; apply it per context with
+        ``Context(model, adapters=[(adapter, scale)])`` or ``set_adapters``. AdapterError for a
+        file that is not an adapter or was made for another model."""
+        self._check()
+        try:
+            fspath = os.fsdecode(os.fspath(path))
+        except TypeError:
+            raise InvalidArgumentError(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
+        if not os.path.isfile(fspath):
+            raise AdapterError(f"LoRA adapter file not found: {fspath!r}")
+        return _load_adapter(self, fspath)
 
     def close(self):
         """Free the model. Contexts still open on it keep the weights alive until they close."""

@@ -73,10 +73,12 @@ cdef class _NativeContext:
     cdef bint embeddings
     cdef long long calls             # generations started so far (each takes the next number)
     cdef long long cancel_upto       # cancel() covers the generations numbered up to this
+    cdef tuple adapters              # (LoraAdapter, scale) pairs applied; holds them alive
 
     def __cinit__(self):
         self.st.ctx = NULL
         self.batch_ready = False
+        self.adapters = ()
 
     @staticmethod
     cdef _NativeContext open(Model model, object n_ctx, object n_batch, object n_threads, bint embeddings,
@@ -164,6 +166,51 @@ cdef class _NativeContext:
         """The exception for a failed (not aborted) decode."""
         return decode_failure(_DECODE_FAILURES[d], self.st.rc, what)
 
+    # -- saved state and adapters ------------------------------------------------------------
+
+    cdef bytes seq_state(self, int seq):
+        """llama.cpp's own bytes for one sequence's cache (positions, keys, values)."""
+        cdef size_t n, got
+        with nogil:
+            n = llama_state_seq_get_size(self.st.ctx, seq)
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
+        cdef uint8_t * dst = <uint8_t *> PyBytes_AS_STRING(out)
+        with nogil:
+            got = llama_state_seq_get_data(self.st.ctx, dst, n, seq)
+        if got != n:
+            raise StateError(f"llama.cpp wrote {got} of the {n} bytes of the sequence's state")
+        return out
+
+    cdef bint set_seq_state(self, int seq, bytes blob, int n_tokens):
+        """Replace sequence `seq` with a saved one of n_tokens positions; False (and the
+        sequence left empty) if llama.cpp refuses it."""
+        cdef const uint8_t * src = <const uint8_t *> PyBytes_AS_STRING(blob)
+        cdef size_t n = len(blob), got
+        _seq_rm(&self.st, seq, -1, -1)
+        with nogil:
+            got = llama_state_seq_set_data(self.st.ctx, src, n, seq)
+        if got == 0 or llama_memory_seq_pos_max(llama_get_memory(self.st.ctx), seq) != n_tokens - 1:
+            _seq_rm(&self.st, seq, -1, -1)
+            return False
+        return True
+
+    cdef int set_adapters(self, tuple adapters) except -1:
+        """Apply (LoraAdapter, scale) pairs to every later decode; () removes them all."""
+        cdef vector[llama_adapter_lora *] ptrs
+        cdef vector[float] scales
+        cdef LoraAdapter a
+        for a, scale in adapters:
+            ptrs.push_back(a._ptr())
+            scales.push_back(scale)
+        for a, _ in adapters:
+            a._users += 1
+        for a, _ in self.adapters:
+            a._users -= 1
+        self.adapters = adapters
+        llama_set_adapters_lora(self.st.ctx, ptrs.data() if ptrs.size() else NULL, ptrs.size(),
+                                scales.data() if scales.size() else NULL)
+        return 0
+
     # -- lifetime ----------------------------------------------------------------------------
 
     cdef int check(self) except -1:
@@ -172,7 +219,11 @@ cdef class _NativeContext:
         return 0
 
     cdef void free(self):
+        cdef LoraAdapter a
         if self.st.ctx != NULL:
+            for a, _ in self.adapters:
+                a._users -= 1
+            self.adapters = ()
             llama_free(self.st.ctx)
             self.st.ctx = NULL
             self.model._release()

@@ -1,0 +1,127 @@
+"""The saved-state format of a Context or an Engine sequence (pure Python; the C side only
+hands over llama.cpp's own bytes for one sequence).
+
+A state is, in order::
+
+    MAGIC (8 bytes) | header length (u32 LE) | header (JSON) | tokens (i32 LE each)
+    | llama.cpp's sequence state (llama_state_seq_get_data) | sha256 of all that (32 bytes)
+
+The header names the model and the context size it was saved with, so loading it elsewhere
+says what differs instead of handing llama.cpp a cache it would misread; the checksum turns
+a truncated or garbled file into a StateError before llama.cpp sees a byte of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from ._errors import StateError
+
+MAGIC = b"MULSTATE"
+VERSION = 1
+_DIGEST = 32
+
+
+def model_fingerprint(model: Any) -> dict[str, Any]:
+    """What identifies a model's weights well enough for its cache to be reused."""
+    meta = model.metadata()
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    return {"description": model.description, "name": model.name, "n_params": model.n_params,
+            "size": model.size, "n_vocab": model.n_vocab, "metadata_sha256": digest}
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """A parsed state: where it came from, its tokens and llama.cpp's bytes for the sequence."""
+
+    header: dict[str, Any]
+    tokens: list[int]
+    blob: bytes
+
+
+def pack(model: Any, n_ctx: int, tokens: Sequence[int], blob: bytes) -> bytes:
+    header = {"version": VERSION, "model": model_fingerprint(model), "n_ctx": n_ctx,
+              "n_tokens": len(tokens), "blob_len": len(blob)}
+    head = json.dumps(header, sort_keys=True).encode()
+    body = b"".join([MAGIC, struct.pack("<I", len(head)), head,
+                     struct.pack(f"<{len(tokens)}i", *tokens), blob])
+    return body + hashlib.sha256(body).digest()
+
+
+def unpack(data: bytes, what: str) -> SavedState:
+    """Parse and check a state's framing and checksum; StateError naming `what` otherwise."""
+    data = bytes(data)
+    if len(data) < len(MAGIC) + 4 + _DIGEST or not data.startswith(MAGIC):
+        raise StateError(f"{what} is not a mullama state (no {MAGIC.decode()} header)")
+    body, digest = data[:-_DIGEST], data[-_DIGEST:]
+    if hashlib.sha256(body).digest() != digest:
+        raise StateError(f"{what} is truncated or corrupted (its checksum does not match)")
+    (n_head,) = struct.unpack_from("<I", body, len(MAGIC))
+    start = len(MAGIC) + 4
+    try:
+        header = json.loads(body[start:start + n_head])
+        n_tokens, blob_len = int(header["n_tokens"]), int(header["blob_len"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"{what} has an unreadable header ({exc})") from None
+    if header.get("version") != VERSION:
+        raise StateError(f"{what} has state format version {header.get('version')!r}; "
+                         f"this mullama reads version {VERSION}")
+    tok_start = start + n_head
+    if n_tokens < 0 or tok_start + 4 * n_tokens + blob_len != len(body):
+        raise StateError(f"{what} is truncated or corrupted (its sizes do not add up)")
+    tokens = list(struct.unpack_from(f"<{n_tokens}i", body, tok_start))
+    return SavedState(header, tokens, body[tok_start + 4 * n_tokens:])
+
+
+def check_fits(state: SavedState, model: Any, n_ctx: int, what: str) -> None:
+    """StateError unless `state` was saved from this model with this context size."""
+    saved, here = state.header.get("model", {}), model_fingerprint(model)
+    if saved != here:
+        raise StateError(
+            f"{what} was saved with model {saved.get('name')!r} ({saved.get('description')}, "
+            f"{saved.get('n_params')} parameters), not the loaded {here['name']!r} "
+            f"({here['description']}, {here['n_params']} parameters)"
+            if saved.get("n_params") != here["n_params"] or saved.get("description") != here["description"]
+            else f"{what} was saved with a different model file than {getattr(model, 'path', '?')!r} "
+                 "(same architecture and size, different metadata)"
+        )
+    if state.header.get("n_ctx") != n_ctx:
+        raise StateError(f"{what} was saved from a context of n_ctx={state.header.get('n_ctx')}; "
+                         f"this one has n_ctx={n_ctx}: create the Context with the same n_ctx")
+    if len(state.tokens) > n_ctx:
+        raise StateError(f"{what} holds {len(state.tokens)} tokens, more than n_ctx={n_ctx}")
+    bad = next((t for t in state.tokens if not 0 <= t < model.n_vocab), None)
+    if bad is not None:
+        raise StateError(f"{what} holds token id {bad}, outside this model's vocabulary of {model.n_vocab}")
+
+
+def read_file(path: str | os.PathLike[str]) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise StateError(f"state file {os.fspath(path)!r} does not exist") from None
+    except OSError as exc:
+        raise StateError(f"state file {os.fspath(path)!r} could not be read: {exc.strerror}") from None
+
+
+def write_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write atomically: a crash mid-write leaves the old file, never half a state."""
+    target = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise StateError(f"state file {os.fspath(path)!r} could not be written: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise StateError(f"state file {os.fspath(path)!r} could not be written: {exc.strerror or exc}") from None

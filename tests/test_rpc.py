@@ -1,0 +1,100 @@
+"""llama.cpp's RPC backend: two `mullama rpc-server` processes on loopback hold the layers of a
+model loaded with Model.load(path, rpc=[...]); its greedy output equals the local run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import mullama
+from conftest import free_port
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "Once upon a time"]
+
+
+def start_rpc_server(port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mullama", "rpc-server", "--port", str(port), "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 120.0) -> None:
+    """Until the port accepts a connection (the server then serves it, and the next, in turn)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mullama rpc-server exited with {proc.returncode}: {proc.stderr.read()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mullama rpc-server did not listen on {port} within {timeout} s") from None
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def rpc_servers():
+    ports = [free_port(), free_port()]
+    procs = [start_rpc_server(p) for p in ports]
+    try:
+        for proc, port in zip(procs, ports):
+            wait_listening(proc, port)
+        yield [f"127.0.0.1:{p}" for p in ports]
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def split_model(rpc_servers, smollm_path):
+    # Closed before the servers stop: freeing its remote buffers needs them.
+    model = mullama.Model.load(smollm_path, rpc=rpc_servers)
+    yield model
+    model.close()
+
+
+def test_greedy_output_split_over_two_servers_equals_the_local_run(split_model, smollm, greedy):
+    with mullama.Context(smollm, n_ctx=256) as local, mullama.Context(split_model, n_ctx=256) as remote:
+        for prompt in PROMPTS:
+            assert remote.generate(prompt, 24, greedy) == local.generate(prompt, 24, greedy), prompt
+
+
+def test_the_layers_are_spread_over_both_servers(rpc_servers, smollm_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="mullama")
+    model = mullama.Model.load(smollm_path, rpc=rpc_servers)
+    model.close()
+    buffers = [r.getMessage() for r in caplog.records if "model buffer size" in r.getMessage()]
+    for endpoint in rpc_servers:
+        assert any(endpoint in line for line in buffers), (endpoint, buffers)
+
+
+def test_an_unreachable_endpoint_raises_model_load_error_naming_it(smollm_path):
+    port = free_port()            # nothing listens there
+    with pytest.raises(mullama.ModelLoadError, match=f"127.0.0.1:{port}.*unreachable"):
+        mullama.Model.load(smollm_path, rpc=[f"127.0.0.1:{port}"])
+
+
+@pytest.mark.parametrize("rpc", [[], ["localhost"], ["host:0"], ["host:99999"], [42], ["a:1", "a:1"]])
+def test_bad_endpoints_are_named(smollm_path, rpc):
+    with pytest.raises(mullama.InvalidArgumentError, match="rpc|RPC"):
+        mullama.Model.load(smollm_path, rpc=rpc)
+
+
+def test_rpc_server_on_a_taken_port_exits_1_with_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "mullama", "rpc-server", "--port", str(port)],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], out.stderr
