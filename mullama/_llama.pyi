@@ -1,6 +1,6 @@
 """Type stubs of the native core (mullama._llama)."""
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from os import PathLike
 from types import TracebackType
 from typing import Any, Literal
@@ -22,7 +22,8 @@ class Model:
     path: str
     @staticmethod
     def load(path: str | PathLike[str], *, n_gpu_layers: int = 0, use_mmap: bool = True,
-             use_mlock: bool = False, vocab_only: bool = False) -> Model: ...
+             use_mlock: bool = False, vocab_only: bool = False,
+             progress: Callable[[float], object] | None = None) -> Model: ...
     def close(self) -> None: ...
     def __enter__(self) -> Model: ...
     def __exit__(self, *exc: object) -> None: ...
