@@ -150,7 +150,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("mullama.server").setLevel(args.log_level.upper())
     # Loaded before the port opens: a bad file stops here (exit 1), with llama.cpp's reason.
     model = mullama.Model.load(resolve_model(args.model))
-    embedding = mullama.Model.load(args.embedding_model) if args.embedding_model else None
+    embedding = mullama.Model.load(resolve_model(args.embedding_model)) if args.embedding_model else None
     app = create_app(model, embedding_model=embedding, parallel=args.parallel, ctx_size=args.ctx_size,
                      api_key=args.api_key, max_waiting=args.max_waiting, model_name=args.alias,
                      n_threads=args.threads)

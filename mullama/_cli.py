@@ -78,6 +78,9 @@ def load_model(model: str | None, default: str = _models.DEFAULT_MODEL) -> mulla
 
 
 def sampler_params(args: argparse.Namespace) -> mullama.SamplerParams:
+    """--temp 0 is greedy: the most likely token, with no repetition penalty to bend it."""
+    if args.temp == 0:
+        return mullama.sampler_params_greedy()
     params = mullama.SamplerParams(seed=args.seed)
     if args.temp is not None:
         params.temperature = args.temp

@@ -30,8 +30,8 @@ def prompts_of(name: str) -> list[str]:
     return list(module.PROMPTS)
 
 
-def greedy_answers(model: mullama.Model, prompts: list[str], max_tokens: int) -> list[str]:
-    with mullama.Context(model, n_ctx=256) as ctx:
+def greedy_answers(model: mullama.Model, prompts: list[str], max_tokens: int, n_ctx: int = 256) -> list[str]:
+    with mullama.Context(model, n_ctx=n_ctx) as ctx:
         out = []
         for p in prompts:
             ctx.clear_cache()
@@ -41,7 +41,7 @@ def greedy_answers(model: mullama.Model, prompts: list[str], max_tokens: int) ->
 
 def test_streaming_prints_the_greedy_completion(smollm):
     proc = run_example("streaming.py", "The capital of France is")
-    [expected] = greedy_answers(smollm, ["The capital of France is"], 32)
+    [expected] = greedy_answers(smollm, ["The capital of France is"], 32, n_ctx=512)
     assert proc.stdout == expected + "\n"
     assert re.search(r"\[\d+ tokens, finish: (stop|length)\]", proc.stderr)
 
