@@ -31,7 +31,7 @@ class _FetchBars:
         self.bar: Any = None
 
     def __call__(self, step: str, done: int, total: int | None) -> None:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs shipped
 
         if step != self.step or (self.bar is not None and self.bar.total is None and total is not None):
             self.close()
@@ -70,7 +70,7 @@ def load_model(model: str | None, default: str = _models.DEFAULT_MODEL) -> mulla
     path = resolve_model(model, default)
     if not _show_progress():
         return mullama.Model.load(path)
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs shipped
 
     with tqdm(total=100, desc=f"load {os.path.basename(path)}", unit="%", file=sys.stderr, leave=False,
               bar_format="{desc}: {percentage:3.0f}%|{bar}|") as bar:
@@ -109,7 +109,7 @@ def _read_lines(file: str) -> list[str]:
 
 def _batches(texts: list[str], size: int) -> Iterator[list[str]]:
     if _show_progress():
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs shipped
 
         with tqdm(total=len(texts), desc="embed", unit="text", file=sys.stderr, leave=False) as bar:
             for i in range(0, len(texts), size):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import re
 import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import numpy as np
@@ -50,12 +53,13 @@ def test_chat_answers_each_line_and_the_second_turn_reuses_the_first(smollm):
 
 def test_chat_commands_save_load_and_stats(smollm_path, tmp_path):
     saved = tmp_path / "chat.json"
-    script = f"/system Answer briefly.\nName a color.\n/save {saved}\n/reset\n/load {saved}\n/stats\n"
+    # A line that ends in a backslash goes on on the next one: "Name a " and "color." are one turn.
+    script = f"/system Answer briefly.\nName a \\\ncolor.\n/save {saved}\n/reset\n/load {saved}\n/stats\n"
     proc = cli("chat", "-m", str(smollm_path), "--temp", "0", "-n", "8", "-c", "1024", input=script)
     assert proc.returncode == 0, proc.stderr
     history = json.loads(saved.read_text())
     assert [m["role"] for m in history] == ["system", "user", "assistant"]
-    assert history[0]["content"] == "Answer briefly." and history[1]["content"] == "Name a color."
+    assert history[0]["content"] == "Answer briefly." and history[1]["content"] == "Name a \ncolor."
     assert "(loaded 3 messages" in proc.stdout and "replies: 1" in proc.stdout
 
 
@@ -71,6 +75,8 @@ class Pty:
 
     def __init__(self, args: list[str]) -> None:
         master, slave = pty.openpty()
+        # A new pty is 0 columns wide, where tqdm would cut its bar to nothing: make it 24 x 100.
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
         self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
         os.close(slave)
         self.fd = master
@@ -181,12 +187,22 @@ def test_info_json_names_the_architecture_and_all_metadata(smollm):
 
 def test_info_text_and_build(smollm_path):
     proc = cli("info", str(smollm_path))
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0 and proc.stderr == ""    # stderr is a pipe: no progress bar
     assert re.search(r"^architecture:\s+llama$", proc.stdout, re.M)
     assert re.search(r"^quantization:\s+Q4_1$", proc.stdout, re.M)
     build = cli("info", "--json")
     assert build.returncode == 0, build.stderr
     assert json.loads(build.stdout)["llama_cpp"] == mullama.version()
+
+
+def test_a_terminal_gets_a_load_progress_bar(smollm_path):
+    child = Pty([sys.executable, "-m", "mullama", "info", str(smollm_path)])
+    try:
+        child.expect(r"load SmolLM2-135M-Instruct\.Q4_1\.gguf: +\d+%\|")
+        child.expect(r"architecture: +llama")
+        assert child.proc.wait(timeout=60) == 0
+    finally:
+        child.close()
 
 
 # -- models ---------------------------------------------------------------------------------------
