@@ -215,6 +215,8 @@ def test_models_list_and_path_show_the_cache(smollm_path):
     assert str(smollm_path) in proc.stdout
     path = cli("models", "path", "smollm2-135m-instruct")
     assert path.returncode == 0 and path.stdout.strip() == str(smollm_path)
+    fetched = cli("models", "fetch", "smollm2-135m-instruct")   # cached: no download, same path
+    assert fetched.returncode == 0 and fetched.stdout.strip() == str(smollm_path) and fetched.stderr == ""
 
 
 def test_models_rm_deletes_only_that_entry(tmp_path):
