@@ -1,6 +1,6 @@
 """Type stubs of the native core (mullama._llama)."""
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from os import PathLike
 from types import TracebackType
 from typing import Any, Literal
@@ -37,7 +37,8 @@ class Model:
     path: str
     @staticmethod
     def load(path: str | PathLike[str], *, n_gpu_layers: int | None = None, use_mmap: bool = True,
-             use_mlock: bool = False, vocab_only: bool = False, rpc: Sequence[str] | str | None = None) -> Model: ...
+             use_mlock: bool = False, vocab_only: bool = False, rpc: Sequence[str] | str | None = None,
+             progress: Callable[[float], object] | None = None) -> Model: ...
     def load_adapter(self, path: str | PathLike[str]) -> LoraAdapter: ...
     def close(self) -> None: ...
     def __enter__(self) -> Model: ...

