@@ -162,7 +162,7 @@ def _open_out(out: str) -> Iterator[TextIO]:
 def _build_info() -> dict[str, Any]:
     return {"mullama": mullama.__version__, "llama_cpp": mullama.version(),
             "gpu_offload": mullama.supports_gpu_offload(), "max_devices": mullama.max_devices(),
-            "system_info": mullama.system_info()}
+            "devices": mullama.devices(), "system_info": mullama.system_info()}
 
 
 def _quantization(model: mullama.Model) -> str:
@@ -207,7 +207,9 @@ def info(args: argparse.Namespace) -> int:
             print(json.dumps(build, indent=2))
         else:
             print(f"mullama {build['mullama']}, llama.cpp {build['llama_cpp']}")
-            print(f"GPU offload: {'yes' if build['gpu_offload'] else 'no'} (devices: {build['max_devices']})")
+            print(f"offload: {'yes' if build['gpu_offload'] else 'no'} (up to {build['max_devices']} devices)")
+            for d in build["devices"]:
+                print(f"device {d['name']}: {d['type']}, {d['description']}, {d['memory_total'] >> 20} MiB")
             print(build["system_info"])
         return 0
     with load_model(args.model) as model:

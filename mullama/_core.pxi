@@ -256,7 +256,8 @@ def backend_free():
 
 
 def supports_gpu_offload():
-    """True when this build has a GPU backend (e.g. built with GGML_CUDA=1)."""
+    """True when this build can offload layers: a GPU backend (built with GGML_CUDA=1) or the
+    RPC backend, which every build has. ``devices()`` lists the GPUs actually present."""
     return bool(llama_supports_gpu_offload())
 
 

@@ -3,11 +3,11 @@
 """mullama's native core: Model, Context and EmbeddingGenerator over llama.cpp.
 
 Split by concern into include files: _core.pxi (logging, errors, interrupts, helpers),
-_rpc.pxi (devices on other machines), _model.pxi, _lora.pxi (adapters), _native.pxi (the one owner of a llama_context and its nogil decode layer), _sampling.pxi, _context.pxi (the nogil generation loop), _embedding.pxi and _engine.pxi (continuous batching).
+_devices.pxi (this machine's devices and RPC servers'), _model.pxi, _lora.pxi (adapters), _native.pxi (the one owner of a llama_context and its nogil decode layer), _sampling.pxi, _context.pxi (the nogil generation loop), _embedding.pxi and _engine.pxi (continuous batching).
 """
 
 include "_core.pxi"
-include "_rpc.pxi"
+include "_devices.pxi"
 include "_model.pxi"
 include "_lora.pxi"
 include "_native.pxi"

@@ -13,7 +13,8 @@ import pytest
 
 import mullama
 
-pytestmark = pytest.mark.skipif(not mullama.supports_gpu_offload(), reason="no GPU backend in this build")
+pytestmark = pytest.mark.skipif(not any(d["type"] == "gpu" for d in mullama.devices()),
+                                reason="no GPU device (a CUDA build on a machine with a GPU runs these)")
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
 
@@ -35,6 +36,12 @@ def gpu_model(model_path):
 def cpu_model(model_path):
     with mullama.Model.load(model_path) as m:
         yield m
+
+
+def test_the_gpu_is_listed_with_its_memory():
+    gpus = [d for d in mullama.devices() if d["type"] == "gpu"]
+    assert gpus[0]["name"].startswith("CUDA") and gpus[0]["memory_total"] > 1 << 30
+    assert mullama.supports_gpu_offload()
 
 
 def test_all_layers_land_on_the_gpu(model_path, caplog):

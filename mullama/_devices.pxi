@@ -1,10 +1,33 @@
-# llama.cpp's RPC backend: a model's layers on `mullama rpc-server` processes of other
-# machines (Model.load(path, rpc=[...])), and rpc_serve(), that server. The protocol has no
-# authentication: servers belong on a private network.
+# ggml's compute devices: this machine's (devices()), and those of llama.cpp's RPC backend: a
+# model's layers on `mullama rpc-server` processes of other machines (Model.load(path,
+# rpc=[...])), and rpc_serve(), that server. The RPC protocol has no authentication: servers
+# belong on a private network.
 
 import socket as _socket
 
 RPC_CONNECT_TIMEOUT = 5.0    # seconds an RPC endpoint may take to accept a connection
+
+
+_DEVICE_TYPES = {GGML_BACKEND_DEVICE_TYPE_CPU: "cpu", GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
+                 GGML_BACKEND_DEVICE_TYPE_IGPU: "igpu", GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel"}
+
+
+def devices():
+    """This machine's compute devices as llama.cpp sees them: a list of dicts with ``name``,
+    ``description``, ``type`` ("cpu", "gpu", "igpu" or "accel") and ``memory_total`` /
+    ``memory_free`` in bytes. A GPU build on a machine without its GPU lists only the CPU.
+    (``supports_gpu_offload()`` says whether offloading is possible at all, which RPC servers
+    make true on any build.)"""
+    cdef size_t i, free_b, total_b
+    cdef ggml_backend_dev_t dev
+    out = []
+    for i in range(ggml_backend_dev_count()):
+        dev = ggml_backend_dev_get(i)
+        ggml_backend_dev_memory(dev, &free_b, &total_b)
+        out.append({"name": ggml_backend_dev_name(dev).decode(), "description": ggml_backend_dev_description(dev).decode(),
+                    "type": _DEVICE_TYPES.get(ggml_backend_dev_get_type(dev), "other"),
+                    "memory_total": total_b, "memory_free": free_b})
+    return out
 
 
 cdef tuple _parse_endpoint(object endpoint):
