@@ -275,6 +275,15 @@ def _link_args(settings: Settings) -> list[str]:
     return args
 
 
+def transport_link_args(build_dir: Path) -> list[str]:
+    """Libraries ggml's RPC backend needs beyond ours: CMake turns on its RDMA transport where
+    it finds libibverbs (RDMA-capable GPU machines), and that static code then needs it."""
+    cache = build_dir / "CMakeCache.txt"
+    if cache.is_file() and "GGML_RPC_RDMA:BOOL=ON" in cache.read_text(errors="replace"):
+        return ["-libverbs"]
+    return []
+
+
 def _include_dirs(source: Path) -> list[Path]:
     # src/ for llama-grammar.h: the grammar parser, run on its own to report parse errors.
     return [source / "include", source / "ggml" / "include", source / "common", source / "src"]
@@ -390,7 +399,7 @@ def build_example(name: str, source: str, built: BuiltLlama | None = None) -> Pa
     _run([cxx, "-O2", "-std=c++17", *includes, "-c", str(shim), "-o", str(shim.with_suffix(".o"))])
     _run([cxx, "-O2", "-std=c++17", *includes, "-Dllama_init_from_model=mullama_example_init_from_model",
           str(src), str(shim.with_suffix(".o")), "-o", str(out),
-          *[str(p) for p in built.libraries], *built.link_args])
+          *[str(p) for p in built.libraries], *built.link_args, *transport_link_args(built.build_dir)])
     return out
 
 

@@ -30,7 +30,7 @@ class BuildWithLlama(build_ext):
         for ext in self.extensions:
             ext.include_dirs[:0] = [str(p) for p in built.include_dirs]
             ext.extra_objects = [str(p) for p in built.libraries]
-            ext.extra_link_args = list(built.link_args)
+            ext.extra_link_args = list(built.link_args) + build_llama.transport_link_args(built.build_dir)
         super().build_extensions()
 
 
