@@ -276,12 +276,20 @@ def _link_args(settings: Settings) -> list[str]:
 
 
 def transport_link_args(build_dir: Path) -> list[str]:
-    """Libraries ggml's RPC backend needs beyond ours: CMake turns on its RDMA transport where
-    it finds libibverbs (RDMA-capable GPU machines), and that static code then needs it."""
+    """Shared libraries the static ggml code needs where CMake found them on the build machine:
+    libibverbs for the RPC backend's RDMA transport, NCCL for multi-GPU CUDA. Read from the
+    CMake cache, so a machine without them links nothing more."""
     cache = build_dir / "CMakeCache.txt"
-    if cache.is_file() and "GGML_RPC_RDMA:BOOL=ON" in cache.read_text(errors="replace"):
-        return ["-libverbs"]
-    return []
+    text = cache.read_text(errors="replace") if cache.is_file() else ""
+    args = []
+    if "GGML_RPC_RDMA:BOOL=ON" in text:
+        args.append("-libverbs")
+    for line in text.splitlines():
+        if line.startswith("NCCL_LIBRARY:FILEPATH=") and "GGML_CUDA_NCCL:BOOL=ON" in text:
+            lib = Path(line.split("=", 1)[1])
+            if lib.is_file():
+                args += [str(lib), f"-Wl,-rpath,{lib.parent}"]
+    return args
 
 
 def _include_dirs(source: Path) -> list[Path]:

@@ -30,7 +30,11 @@ class BuildWithLlama(build_ext):
         for ext in self.extensions:
             ext.include_dirs[:0] = [str(p) for p in built.include_dirs]
             ext.extra_objects = [str(p) for p in built.libraries]
-            ext.extra_link_args = list(built.link_args) + build_llama.transport_link_args(built.build_dir)
+            # --exclude-libs: llama.cpp's, ggml's and CUDA's static symbols stay inside the
+            # extension, so they cannot interpose on another library's copies in the same
+            # process (PyTorch's CUDA libraries crashed at import without it).
+            ext.extra_link_args = (list(built.link_args) + build_llama.transport_link_args(built.build_dir)
+                                   + ["-Wl,--exclude-libs,ALL"])
         super().build_extensions()
 
 

@@ -17,8 +17,9 @@ within one token and frees the context for the next caller.
 from __future__ import annotations
 
 import collections
+import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -27,7 +28,7 @@ import sniffio
 from ._errors import ContextBusyError, GenerationCancelled, InvalidArgumentError, WrongEventLoopError
 from ._batching import EngineRequest
 from ._completion import Completion, TokenLogprob, Usage, completion_of, read_until_cancelled
-from ._llama import Context, EmbeddingGenerator, Engine, Model, TokenStream, _yield_to_waking_threads
+from ._llama import Context, EmbeddingGenerator, Engine, LoraAdapter, Model, TokenStream, _yield_to_waking_threads
 
 __all__ = ["load_model", "AsyncContext", "AsyncTokenStream", "AsyncEmbeddingGenerator", "AsyncEngine", "AsyncEngineStream"]
 
@@ -396,12 +397,14 @@ class AsyncContext(_LoopBound):
                  rope_scaling: str | None = None, rope_freq_base: float | None = None,
                  rope_freq_scale: float | None = None, yarn_ext_factor: float | None = None,
                  yarn_attn_factor: float | None = None, yarn_beta_fast: float | None = None,
-                 yarn_beta_slow: float | None = None, yarn_orig_ctx: int | None = None) -> None:
+                 yarn_beta_slow: float | None = None, yarn_orig_ctx: int | None = None,
+                 adapters: Iterable[tuple[LoraAdapter, float]] | None = None) -> None:
         self.context = Context(
             model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, embeddings=embeddings, n_seq_max=n_seq_max,
             flash_attn=flash_attn, rope_scaling=rope_scaling, rope_freq_base=rope_freq_base,  # type: ignore[arg-type]
             rope_freq_scale=rope_freq_scale, yarn_ext_factor=yarn_ext_factor, yarn_attn_factor=yarn_attn_factor,
-            yarn_beta_fast=yarn_beta_fast, yarn_beta_slow=yarn_beta_slow, yarn_orig_ctx=yarn_orig_ctx)
+            yarn_beta_fast=yarn_beta_fast, yarn_beta_slow=yarn_beta_slow, yarn_orig_ctx=yarn_orig_ctx,
+            adapters=adapters)
         self._gate = _Turnstile()
         self._streams: set[_Channel] = set()   # started and not yet handed back
 
@@ -515,6 +518,25 @@ class AsyncContext(_LoopBound):
 
     async def get_logits(self) -> Any:
         return await self._call(self.context.get_logits)
+
+    @property
+    def adapters(self) -> tuple[tuple[LoraAdapter, float], ...]:
+        return self.context.adapters
+
+    async def set_adapters(self, adapters: Iterable[tuple[LoraAdapter, float]] | None) -> None:
+        await self._call(lambda: self.context.set_adapters(adapters))
+
+    async def get_state(self) -> bytes:
+        return await self._call(self.context.get_state)
+
+    async def set_state(self, data: bytes | bytearray | memoryview) -> None:
+        await self._call(lambda: self.context.set_state(data))
+
+    async def save_state(self, path: str | os.PathLike[str]) -> None:
+        await self._call(lambda: self.context.save_state(path))
+
+    async def load_state(self, path: str | os.PathLike[str]) -> None:
+        await self._call(lambda: self.context.load_state(path))
 
     async def aclose(self) -> None:
         """Stop the streams still open on this context, then free it."""
@@ -707,9 +729,14 @@ class AsyncEngine(_LoopBound):
     """The async front of :class:`mullama.Engine`: many concurrent streams over one model."""
 
     def __init__(self, model: Model, *, n_parallel: int = 8, n_ctx: int | None = None, n_batch: int = 512,
-                 n_threads: int = 0, prompt_chunk: int | None = None, nice: int = 0) -> None:
+                 n_threads: int = 0, prompt_chunk: int | None = None, nice: int = 0,
+                 adapters: Iterable[tuple[LoraAdapter, float]] | None = None) -> None:
         self.engine = Engine(model, n_parallel=n_parallel, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                             prompt_chunk=prompt_chunk, nice=nice)
+                             prompt_chunk=prompt_chunk, nice=nice, adapters=adapters)
+
+    @property
+    def adapters(self) -> tuple[tuple[LoraAdapter, float], ...]:
+        return self.engine.adapters
 
     @property
     def model(self) -> Model:

@@ -126,3 +126,21 @@ def test_state_on_a_closed_context_raises(smollm):
     ctx.close()
     with pytest.raises(mullama.ClosedError):
         ctx.get_state()
+
+
+@pytest.mark.asyncio
+async def test_async_context_saves_and_loads_the_same_state(smollm, greedy, tmp_path):
+    from mullama.aio import AsyncContext
+
+    async with AsyncContext(smollm, n_ctx=N_CTX) as actx:
+        await actx.generate(PROMPT, 0)
+        await actx.save_state(tmp_path / "a.bin")
+        data = await actx.get_state()
+        expected = await actx.generate(PROMPT, 12, greedy)
+    async with AsyncContext(smollm, n_ctx=N_CTX) as other:
+        await other.load_state(tmp_path / "a.bin")
+        assert other.cached_tokens == smollm.tokenize(PROMPT)
+        assert await other.generate(PROMPT, 12, greedy) == expected
+        await other.set_state(data)
+        with pytest.raises(mullama.StateError):
+            await other.set_state(data[:-1])
