@@ -61,7 +61,10 @@ def bench_previous(t: Table, model_path, reps, n=128):
 
 def bench_grammar(t: Table, model_path, tools, reps, n=128):
     """JSON-constrained greedy generation (the grammar llama.cpp makes of {"type": "object"}),
-    prompt cached, against llama-server's own generation timing for the same grammar."""
+    prompt cached, against llama-server with the same grammar. Both figures cover the same
+    span: the prompt's last token decoded again (both servers and mullama re-decode it for its
+    logits) and every generated token; llama-server's own timings exclude its HTTP handling,
+    mullama's wall clock includes its Python call."""
     grammar = mullama.SamplerParams(json=True).grammar_text()
     params = mullama.SamplerParams(temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, penalty_repeat=1.0, grammar=grammar)
     model = mullama.Model.load(model_path)
@@ -85,7 +88,8 @@ def bench_grammar(t: Table, model_path, tools, reps, n=128):
                 c = ctx.complete(CAT, n, params)
                 mine.append(c.usage.completion_tokens / (time.perf_counter() - t0))
                 js = client.post(f"http://127.0.0.1:{port}/completion", json=body).json()
-                peer.append(js["timings"]["predicted_per_second"])
+                tm = js["timings"]
+                peer.append(tm["predicted_n"] / ((tm["prompt_ms"] + tm["predicted_ms"]) / 1000))
                 assert js["content"] == c.text, "llama-server generated other text under the same grammar"
     finally:
         srv.terminate()

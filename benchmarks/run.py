@@ -1,6 +1,6 @@
 """mullama against its peers, on the same model file, threads and context size.
 
-    python -m benchmarks [--quick] [--reps N] [--only pp,tg,previous,grammar,ttft,embed,mem,stream,busy,engine,servers]
+    python -m benchmarks [--quick] [--reps N] [--only pp,tg,previous,grammar,ttft,embed,mem,stream,busy,engine,servers,rpc]
                          [--no-write]
 
 Peers are prepared on demand and cached outside the clone (benchmarks/peers.py). Flash attention
@@ -594,13 +594,13 @@ def bench_servers(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128)
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    from . import controls   # it imports this module: not at the top
+    from . import controls, rpc   # they import this module: not at the top
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and texts (a few minutes)")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--only", default="pp,tg,previous,grammar,ttft,embed,mem,stream,busy,engine,servers")
+    ap.add_argument("--only", default="pp,tg,previous,grammar,ttft,embed,mem,stream,busy,engine,servers,rpc")
     ap.add_argument("--no-llama-cpp-python", action="store_true", help="skip the llama-cpp-python peer")
     ap.add_argument("--no-sentence-transformers", action="store_true", help="skip the PyTorch peer")
     ap.add_argument("--no-write", action="store_true")
@@ -608,7 +608,7 @@ def main(argv=None):
     reps = args.reps or (3 if args.quick else 5)
     only = set(args.only.split(","))
     model_path = mullama.models.fetch()
-    tools = peers.llama_tools() if only & {"pp", "tg", "grammar", "mem", "engine", "servers"} else {}
+    tools = peers.llama_tools() if only & {"pp", "tg", "grammar", "mem", "engine", "servers", "rpc"} else {}
     lcp_py = None if args.no_llama_cpp_python else peers.llama_cpp_python()
     t = Table()
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -637,6 +637,8 @@ def main(argv=None):
         bench_engine(t, model_path, tools, max(1, reps // 2) if args.quick else reps)
     if "servers" in only:
         bench_servers(t, model_path, tools, max(1, reps // 2) if args.quick else reps)
+    if "rpc" in only:
+        rpc.bench_rpc(t, model_path, tools, reps)
     if not args.no_write:
         write_report(t, started, cmdline)
 

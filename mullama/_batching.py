@@ -16,7 +16,8 @@ class EngineRequest:
 
     __slots__ = ("tokens", "max_tokens", "params", "capacity", "pieces", "cond", "finished", "error",
                  "finish_reason", "cancelled", "waker", "engine_wake", "slot", "wake_each",
-                 "completion_tokens", "generated", "logprobs", "__weakref__")
+                 "completion_tokens", "generated", "logprobs", "saved", "keep_state", "state", "reused",
+                 "__weakref__")
 
     def __init__(self, tokens: list[int], max_tokens: int, params: object, capacity: int,
                  engine_wake: Callable[[], None], want_logprobs: bool = False) -> None:
@@ -37,6 +38,10 @@ class EngineRequest:
         self.completion_tokens = 0   # set by the engine thread as it generates
         self.generated: list[int] = []   # appended to by the engine thread
         self.logprobs: list[object] | None = [] if want_logprobs else None
+        self.saved: object = None     # a parsed state to start from (its tokens begin the prompt)
+        self.keep_state = False       # save the sequence's state as the request ends
+        self.state: bytes | None = None   # that state, set by the engine thread before finish()
+        self.reused = 0               # prompt tokens restored from `saved` instead of decoded
 
     # -- engine thread -------------------------------------------------------------------------
 
@@ -69,8 +74,8 @@ class EngineRequest:
     # -- consumer ------------------------------------------------------------------------------
 
     def usage(self) -> Usage:
-        evaluated = len(self.tokens) if self.slot >= 0 else 0   # cancelled while waiting: nothing
-        return Usage(len(self.tokens), 0, evaluated, self.completion_tokens)
+        evaluated = len(self.tokens) - self.reused if self.slot >= 0 else 0   # cancelled while waiting: 0
+        return Usage(len(self.tokens), self.reused, evaluated, self.completion_tokens)
 
     def take(self) -> str | None:
         """The next piece, None at the end; raises the request's error. Call with cond held."""
@@ -139,8 +144,14 @@ class EngineStream:
 
     @property
     def usage(self) -> Usage:
-        """Token counts so far; an engine request decodes its whole prompt (no reuse)."""
+        """Token counts so far; ``reused_tokens`` came from the request's ``state``."""
         return self._request.usage()
+
+    @property
+    def state(self) -> bytes | None:
+        """With ``keep_state=True``, once the request has ended: its sequence's saved state (as
+        ``Context.get_state`` makes them), to start a later request from; else None."""
+        return self._request.state
 
     def cancel(self) -> None:
         """Stop the request at the engine's next step, from any thread; iterating then ends."""

@@ -53,13 +53,15 @@ class Completion:
     """The result of ``complete``: ``finish_reason`` is ``"stop"`` (an end-of-generation token
     or a stop string), ``"length"`` (max_tokens), ``"context"`` (the context is full),
     ``"grammar"`` (the grammar allows no further token) or ``"cancelled"``. ``logprobs`` is
-    None unless ``SamplerParams.logprobs`` or ``n_probs`` asked for them."""
+    None unless ``SamplerParams.logprobs`` or ``n_probs`` asked for them. ``state`` is the
+    saved state of an Engine request made with ``keep_state=True``, else None."""
 
     text: str
     tokens: tuple[int, ...]
     finish_reason: str | None
     logprobs: tuple[TokenLogprob, ...] | None
     usage: Usage
+    state: bytes | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -69,7 +71,7 @@ def completion_of(stream: Any, text: str) -> Completion:
     """The Completion of a stream that has ended (any of the four stream classes), given its text."""
     logprobs = stream.logprobs
     return Completion(text, tuple(stream.tokens), stream.finish_reason,
-                      None if logprobs is None else tuple(logprobs), stream.usage)
+                      None if logprobs is None else tuple(logprobs), stream.usage, getattr(stream, "state", None))
 
 
 def read_until_cancelled(stream: Any) -> str:

@@ -438,8 +438,9 @@ cdef class Context:
 
     def get_state(self):
         """The cache and its tokens as bytes, for :meth:`set_state` on a Context of the same
-        model file and ``n_ctx``, in this process or another. Adapters are not saved: apply
-        the same ones before loading.
+        model file, ``n_ctx`` and ``n_seq_max``, in this process or another (or for an Engine
+        request's ``state``, when ``n_seq_max`` is its ``n_parallel`` and ``n_ctx`` its
+        ``n_ctx``). Adapters are not saved: apply the same ones before loading.
 
         >>> data = ctx.get_state()           # doctest: +SKIP
         >>> other.set_state(data)            # doctest: +SKIP
@@ -449,7 +450,7 @@ cdef class Context:
         self._enter(self.core.ticket())
         try:
             blob = self.core.seq_state(0)
-            return _state.pack(self.model, self.core.n_ctx, self.cached_tokens, blob)
+            return _state.pack(self.model, *self.core.state_layout(), self.cached_tokens, blob)
         finally:
             self._leave()
 
@@ -457,8 +458,9 @@ cdef class Context:
         """Replace what the context holds with a state from :meth:`get_state`; the next prompt
         that starts with its tokens decodes only what follows them.
 
-        StateError (leaving the context as it was) for a state of another model or ``n_ctx``,
-        or a truncated or corrupted one."""
+        StateError for a state of another model, ``n_ctx`` or ``n_seq_max``, or a truncated or
+        corrupted one; the context is left as it was (unless llama.cpp itself refuses the
+        cache, which leaves it empty)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError(f"state must be bytes, got {type(data).__name__}")
         self._restore(data, "the state")
@@ -480,7 +482,7 @@ cdef class Context:
         self._check()
         self._check_has_cache()
         saved = _state.unpack(data, what)
-        _state.check_fits(saved, self.model, self.core.n_ctx, what)
+        _state.check_fits(saved, self.model, *self.core.state_layout(), what)
         cdef vector[llama_token] toks
         self.model._tokens_to_vector(saved.tokens, toks)
         self._enter(self.core.ticket())

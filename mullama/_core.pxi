@@ -4,6 +4,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
+from libc.stdio cimport fflush, fprintf, stderr
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from posix.unistd cimport close
@@ -127,6 +128,16 @@ def _stop_logging():
 
 mullama_atomic_store(&_log_enabled, 1)
 llama_log_set(_log_callback, NULL)
+
+
+cdef void _on_ggml_abort(const char * message) noexcept nogil:
+    # ggml is about to end the process (one of its own checks failed, or an RPC server went
+    # away mid-computation): say so in one line rather than through a debugger's backtrace.
+    fprintf(stderr, b"mullama: llama.cpp ended the process: %s\n", message)
+    fflush(stderr)
+
+
+ggml_set_abort_callback(_on_ggml_abort)
 atexit.register(_stop_logging)
 
 llama_backend_init()

@@ -229,7 +229,7 @@ cdef class Engine:
 
     # -- submission (any thread) ---------------------------------------------------------------
 
-    def _submit(self, prompt, tokens, max_tokens, params, capacity):
+    def _submit(self, prompt, tokens, max_tokens, params, capacity, state=None, keep_state=False):
         if self.closing:
             raise ClosedError("this Engine is closed")
         # buffer=0 would pause the request for good: its consumer waits for a piece that the
@@ -252,6 +252,8 @@ cdef class Engine:
         controls = _Controls.make(params, self.core.model, self._n_ctx_seq)
         req = EngineRequest([toks[i] for i in range(toks.size())], max_tokens, controls, capacity, self.kick.set,
                             (<_Controls> controls).c.want_logprobs)
+        req.saved = self._check_state(state, req.tokens)
+        req.keep_state = bool(keep_state)
         with self.qlock:
             if self.closing:
                 raise ClosedError("this Engine is closed")
@@ -259,12 +261,35 @@ cdef class Engine:
         self.kick.set()
         return req
 
-    def stream(self, prompt, max_tokens=100, params=None, *, buffer=8):
-        """Pieces of one completion, as an iterator; closing it (or leaving ``with``) cancels it."""
-        return EngineStream(self._submit(prompt, None, max_tokens, params, buffer), self)
+    cdef object _check_state(self, object state, list prompt):
+        """A request's starting state, parsed and checked against the model, the sequence size
+        and the prompt (whose beginning its tokens must be), or None."""
+        if state is None:
+            return None
+        if not isinstance(state, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError(f"state must be bytes, got {type(state).__name__}")
+        saved = _state.unpack(state, "the state")
+        _state.check_fits(saved, self.core.model, *self.core.state_layout(), "the state")
+        if not saved.tokens or prompt[:len(saved.tokens)] != saved.tokens:
+            raise InvalidArgumentError(
+                f"the state holds {len(saved.tokens)} tokens that are not the beginning of this "
+                f"prompt ({len(prompt)} tokens): send the conversation it was saved from, continued"
+            )
+        return saved
 
-    def stream_from_tokens(self, tokens, max_tokens=100, params=None, *, buffer=8):
-        return EngineStream(self._submit(None, tokens, max_tokens, params, buffer), self)
+    def stream(self, prompt, max_tokens=100, params=None, *, buffer=8, state=None, keep_state=False):
+        """Pieces of one completion, as an iterator; closing it (or leaving ``with``) cancels it.
+
+        ``state`` (from an earlier request's ``keep_state=True`` on an engine of the same
+        ``n_parallel`` and ``n_ctx``, or ``Context.get_state`` of a Context with those as
+        ``n_seq_max`` and ``n_ctx``) starts the sequence from a saved conversation whose
+        tokens begin ``prompt``: only the rest is decoded. ``keep_state=True`` saves the
+        sequence as the request ends (``stream.state``), so a server can persist a long
+        conversation between requests or restarts."""
+        return EngineStream(self._submit(prompt, None, max_tokens, params, buffer, state, keep_state), self)
+
+    def stream_from_tokens(self, tokens, max_tokens=100, params=None, *, buffer=8, state=None, keep_state=False):
+        return EngineStream(self._submit(None, tokens, max_tokens, params, buffer, state, keep_state), self)
 
     def generate(self, prompt, max_tokens=100, params=None):
         """Complete ``prompt`` alongside the other requests; returns the new text."""
@@ -275,13 +300,14 @@ cdef class Engine:
         with EngineStream(self._submit(None, tokens, max_tokens, params, 1 << 30), self) as s:
             return "".join(s)
 
-    def complete(self, prompt, max_tokens=100, params=None):
+    def complete(self, prompt, max_tokens=100, params=None, *, state=None, keep_state=False):
         """Like :meth:`Context.complete`: a :class:`Completion` of ``prompt`` (text or token
-        ids), decoded alongside the other requests in a sequence of its own."""
+        ids), decoded alongside the other requests in a sequence of its own. ``state`` and
+        ``keep_state`` as for :meth:`stream`; the saved state is ``Completion.state``."""
         if isinstance(prompt, str):
-            req = self._submit(prompt, None, max_tokens, params, 1 << 30)
+            req = self._submit(prompt, None, max_tokens, params, 1 << 30, state, keep_state)
         else:
-            req = self._submit(None, prompt, max_tokens, params, 1 << 30)
+            req = self._submit(None, prompt, max_tokens, params, 1 << 30, state, keep_state)
         with EngineStream(req, self) as s:
             return completion_of(s, read_until_cancelled(s))
 
@@ -374,6 +400,33 @@ cdef class Engine:
             _seq_rm(&self.core.st, i, -1, -1)
             req.slot = i
             self.requests[i] = req
+            if req.saved is not None:
+                self._restore_slot(i, req)
+
+    cdef void _restore_slot(self, int i, object req):
+        """Start slot i from the request's saved state: its tokens begin the prompt (checked at
+        submission); the prompt's last token is decoded again, for its logits."""
+        saved, req.saved = req.saved, None
+        cdef int n = len(saved.tokens)
+        if not self.core.set_seq_state(i, saved.blob, n):
+            self._free_slot(i, None, StateError("the state could not be loaded into an engine sequence: "
+                                                "llama.cpp refused its cache (another cache type or layout?)"))
+            return
+        cdef int keep = min(n, self.slots[i].n_prompt - 1)
+        _seq_rm(&self.core.st, i, keep, -1)
+        self.slots[i].n_past = keep
+        self.slots[i].prompt_pos = keep
+        req.reused = keep
+
+    cdef object _saved_state(self, int i, object r):
+        """The state of slot i's sequence as request r ends: its cache and the tokens in it."""
+        cdef int n_past = self.slots[i].n_past
+        toks = list(r.tokens) + list(r.generated[:max(0, n_past - len(r.tokens))])
+        try:
+            return _state.pack(self.core.model, *self.core.state_layout(), toks, self.core.seq_state(i))
+        except StateError:
+            logging.getLogger("mullama").warning("could not save the state of an engine sequence")
+            return None
 
     cdef void _sweep_waiting(self):
         """Finish waiting requests that were cancelled before they got a slot."""
@@ -396,6 +449,8 @@ cdef class Engine:
 
     cdef void _free_slot(self, int i, object reason, object error):
         r = self.requests[i]
+        if r is not None and r.keep_state and error is None and reason != "cancelled":
+            r.state = self._saved_state(i, r)
         self.requests[i] = None
         self.slots[i].ctl = NULL
         self.slots[i].state = SLOT_FREE

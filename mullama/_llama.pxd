@@ -19,6 +19,8 @@ cdef extern from "ggml.h" nogil:
     ctypedef void (*ggml_log_callback)(ggml_log_level level, const char * text, void * user_data) noexcept
     ctypedef cbool (*ggml_abort_callback)(void * data) noexcept
     int64_t ggml_time_us()
+    ctypedef void (*ggml_abort_callback_t)(const char * error_message) noexcept
+    ggml_abort_callback_t ggml_set_abort_callback(ggml_abort_callback_t callback)
 
 
 cdef extern from "ggml-backend.h" nogil:

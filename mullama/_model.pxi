@@ -111,8 +111,8 @@ cdef class Model:
 
         ``rpc=["host:port", ...]`` spreads the offloaded layers over ``mullama rpc-server``
         processes (llama.cpp's RPC backend), in proportion to the memory each reports, ahead of
-        this machine's own GPUs. An endpoint that does not accept a connection within
-        ``RPC_CONNECT_TIMEOUT`` seconds raises ModelLoadError naming it. llama.cpp's RPC client
+        this machine's own GPUs. An endpoint that does not accept a connection within 5
+        seconds raises ModelLoadError naming it. llama.cpp's RPC client
         ends the process if a server dies while in use: see the README, "Scaling out".
 
         ``progress``, if given, is called with the fraction of the weights loaded so far (0.0 to

@@ -168,6 +168,10 @@ cdef class _NativeContext:
 
     # -- saved state and adapters ------------------------------------------------------------
 
+    cdef tuple state_layout(self):
+        """(cells per sequence, sequences): what a saved state must be read back into."""
+        return (<int> llama_n_ctx_seq(self.st.ctx), self.n_seq_max)
+
     cdef bytes seq_state(self, int seq):
         """llama.cpp's own bytes for one sequence's cache (positions, keys, values)."""
         cdef size_t n, got

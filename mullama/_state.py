@@ -46,8 +46,10 @@ class SavedState:
     blob: bytes
 
 
-def pack(model: Any, n_ctx: int, tokens: Sequence[int], blob: bytes) -> bytes:
-    header = {"version": VERSION, "model": model_fingerprint(model), "n_ctx": n_ctx,
+def pack(model: Any, n_ctx: int, n_seq: int, tokens: Sequence[int], blob: bytes) -> bytes:
+    """`n_ctx`: cells per sequence; `n_seq`: sequences of the context (llama.cpp's cache keeps
+    one stream per sequence, and its state must be read back into as many)."""
+    header = {"version": VERSION, "model": model_fingerprint(model), "n_ctx": n_ctx, "n_seq": n_seq,
               "n_tokens": len(tokens), "blob_len": len(blob)}
     head = json.dumps(header, sort_keys=True).encode()
     body = b"".join([MAGIC, struct.pack("<I", len(head)), head,
@@ -80,8 +82,8 @@ def unpack(data: bytes, what: str) -> SavedState:
     return SavedState(header, tokens, body[tok_start + 4 * n_tokens:])
 
 
-def check_fits(state: SavedState, model: Any, n_ctx: int, what: str) -> None:
-    """StateError unless `state` was saved from this model with this context size."""
+def check_fits(state: SavedState, model: Any, n_ctx: int, n_seq: int, what: str) -> None:
+    """StateError unless `state` was saved from this model with this context layout."""
     saved, here = state.header.get("model", {}), model_fingerprint(model)
     if saved != here:
         raise StateError(
@@ -93,8 +95,11 @@ def check_fits(state: SavedState, model: Any, n_ctx: int, what: str) -> None:
                  "(same architecture and size, different metadata)"
         )
     if state.header.get("n_ctx") != n_ctx:
-        raise StateError(f"{what} was saved from a context of n_ctx={state.header.get('n_ctx')}; "
-                         f"this one has n_ctx={n_ctx}: create the Context with the same n_ctx")
+        raise StateError(f"{what} was saved from a context of n_ctx={state.header.get('n_ctx')} per sequence; "
+                         f"this one has n_ctx={n_ctx}: use the same n_ctx (an Engine's n_ctx_per_sequence)")
+    if state.header.get("n_seq") != n_seq:
+        raise StateError(f"{what} was saved from a context of {state.header.get('n_seq')} sequences; this one has "
+                         f"{n_seq}: a Context's n_seq_max and an Engine's n_parallel must match the saved one")
     if len(state.tokens) > n_ctx:
         raise StateError(f"{what} holds {len(state.tokens)} tokens, more than n_ctx={n_ctx}")
     bad = next((t for t in state.tokens if not 0 <= t < model.n_vocab), None)

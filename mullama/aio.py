@@ -644,6 +644,12 @@ class AsyncEngineStream:
         assert self._request is not None
         return self._request.usage()
 
+    @property
+    def state(self) -> bytes | None:
+        """The saved state of a request made with ``keep_state=True``, once it has ended."""
+        assert self._request is not None
+        return self._request.state
+
     def cancel(self) -> None:
         """Stop the request at the engine's next step; iterating then ends."""
         if self._request is not None:
@@ -757,15 +763,17 @@ class AsyncEngine(_LoopBound):
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 
-    def stream(self, prompt: str, max_tokens: int = 100, params: Any = None, *, buffer: int = 8) -> AsyncEngineStream:
-        """Pieces of one completion; the request is checked and queued here, before iteration."""
+    def stream(self, prompt: str, max_tokens: int = 100, params: Any = None, *, buffer: int = 8,
+               state: bytes | None = None, keep_state: bool = False) -> AsyncEngineStream:
+        """Pieces of one completion; the request is checked and queued here, before iteration
+        (``state`` and ``keep_state`` as for :meth:`mullama.Engine.stream`)."""
         self._bind_loop()
-        return AsyncEngineStream(self, self.engine._submit(prompt, None, max_tokens, params, buffer))
+        return AsyncEngineStream(self, self.engine._submit(prompt, None, max_tokens, params, buffer, state, keep_state))
 
     def stream_from_tokens(self, tokens: Sequence[int], max_tokens: int = 100, params: Any = None, *,
-                           buffer: int = 8) -> AsyncEngineStream:
+                           buffer: int = 8, state: bytes | None = None, keep_state: bool = False) -> AsyncEngineStream:
         self._bind_loop()
-        return AsyncEngineStream(self, self.engine._submit(None, tokens, max_tokens, params, buffer))
+        return AsyncEngineStream(self, self.engine._submit(None, tokens, max_tokens, params, buffer, state, keep_state))
 
     async def generate(self, prompt: str, max_tokens: int = 100, params: Any = None) -> str:
         async with self.stream(prompt, max_tokens, params, buffer=1 << 30) as s:
@@ -775,12 +783,14 @@ class AsyncEngine(_LoopBound):
         async with self.stream_from_tokens(tokens, max_tokens, params, buffer=1 << 30) as s:
             return await s.aread()
 
-    async def complete(self, prompt: str | Sequence[int], max_tokens: int = 100, params: Any = None) -> Completion:
+    async def complete(self, prompt: str | Sequence[int], max_tokens: int = 100, params: Any = None, *,
+                       state: bytes | None = None, keep_state: bool = False) -> Completion:
         """A :class:`Completion` of ``prompt`` (text or token ids), as :meth:`mullama.Engine.complete`."""
         if isinstance(prompt, str):
-            stream = self.stream(prompt, max_tokens, params, buffer=1 << 30)
+            stream = self.stream(prompt, max_tokens, params, buffer=1 << 30, state=state, keep_state=keep_state)
         else:
-            stream = self.stream_from_tokens(prompt, max_tokens, params, buffer=1 << 30)
+            stream = self.stream_from_tokens(prompt, max_tokens, params, buffer=1 << 30, state=state,
+                                             keep_state=keep_state)
         async with stream as s:
             try:
                 text = await s.aread()

@@ -144,3 +144,57 @@ async def test_async_context_saves_and_loads_the_same_state(smollm, greedy, tmp_
         await other.set_state(data)
         with pytest.raises(mullama.StateError):
             await other.set_state(data[:-1])
+
+
+# -- Engine sequences ---------------------------------------------------------------------------
+
+def test_an_engine_request_keeps_its_state_and_a_later_one_continues_from_it(smollm, greedy):
+    turn1 = "User: name a colour.\nAssistant:"
+    with mullama.Engine(smollm, n_parallel=2, n_ctx=2 * N_CTX) as engine:
+        first = engine.complete(turn1, 8, greedy, keep_state=True)
+        assert first.state is not None
+        follow = turn1 + first.text + "\nUser: and another?\nAssistant:"
+        resumed = engine.complete(follow, 8, greedy, state=first.state)
+        plain = engine.complete(follow, 8, greedy)
+    assert resumed.text == plain.text
+    assert resumed.usage.reused_tokens >= len(smollm.tokenize(turn1))
+    assert resumed.usage.evaluated_tokens == resumed.usage.prompt_tokens - resumed.usage.reused_tokens
+    assert plain.usage.reused_tokens == 0
+
+
+def test_engine_and_context_states_are_interchangeable(smollm, greedy):
+    with mullama.Engine(smollm, n_parallel=2, n_ctx=2 * N_CTX) as engine:
+        with mullama.Context(smollm, n_ctx=2 * N_CTX, n_seq_max=2) as ctx:
+            ctx.generate(PROMPT, 0)
+            from_ctx = engine.complete(PROMPT + " red,", 8, greedy, state=ctx.get_state())
+            assert from_ctx.usage.reused_tokens == len(ctx.cached_tokens)
+            kept = engine.complete(PROMPT, 6, greedy, keep_state=True)
+            ctx.set_state(kept.state)
+            assert ctx.cached_tokens[: len(smollm.tokenize(PROMPT))] == smollm.tokenize(PROMPT)
+
+
+def test_engine_refuses_a_state_that_does_not_begin_the_prompt(smollm, greedy):
+    with mullama.Engine(smollm, n_parallel=2, n_ctx=2 * N_CTX) as engine:
+        kept = engine.complete(PROMPT, 4, greedy, keep_state=True)
+        with pytest.raises(mullama.InvalidArgumentError, match="not the beginning"):
+            engine.complete("Something else entirely", 4, greedy, state=kept.state)
+        with pytest.raises(mullama.StateError):
+            engine.complete(PROMPT, 4, greedy, state=kept.state[:-3])
+        with mullama.Engine(smollm, n_parallel=1, n_ctx=N_CTX // 2) as small:
+            with pytest.raises(mullama.StateError, match="n_ctx"):
+                small.complete(PROMPT, 4, greedy, state=kept.state)
+        with mullama.Engine(smollm, n_parallel=4, n_ctx=4 * N_CTX) as wider:
+            with pytest.raises(mullama.StateError, match="2 sequences"):
+                wider.complete(PROMPT, 4, greedy, state=kept.state)
+
+
+@pytest.mark.asyncio
+async def test_async_engine_mirrors_keep_state(smollm, greedy):
+    from mullama.aio import AsyncEngine
+
+    async with AsyncEngine(smollm, n_parallel=2, n_ctx=2 * N_CTX) as engine:
+        first = await engine.complete(PROMPT, 6, greedy, keep_state=True)
+        async with engine.stream(PROMPT + first.text, 6, greedy, state=first.state, keep_state=True) as s:
+            text = await s.aread()
+        assert s.state is not None and s.usage.reused_tokens > 0
+        assert text == await engine.generate(PROMPT + first.text, 6, greedy)
