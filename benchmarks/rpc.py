@@ -13,13 +13,7 @@ import time
 import build_llama
 import mullama
 
-from .run import STORY, THREADS, Table, llama_bench
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .run import STORY, THREADS, Table, _free_port, llama_bench
 
 
 def _start(cmd: list[str], port: int) -> subprocess.Popen:
