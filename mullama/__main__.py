@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--drain", type=float, default=10.0,
                      help="seconds Ctrl-C or SIGTERM waits for running requests before exiting (default 10)")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    srv.add_argument("--prompt-cache", type=int, default=256, metavar="MIB",
+                     help="MiB of recent requests' caches kept, so a conversation's next request decodes only "
+                          "its new turn (default 256; 0: off)")
     srv.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
                      help="mullama rpc-server processes to spread the model's layers over")
     rpc = sub.add_parser("rpc-server", help="offer this machine's compute to llama.cpp RPC clients "
@@ -163,7 +166,7 @@ def _serve(args: argparse.Namespace) -> int:
     embedding = mullama.Model.load(resolve_model(args.embedding_model)) if args.embedding_model else None
     app = create_app(model, embedding_model=embedding, parallel=args.parallel, ctx_size=args.ctx_size,
                      api_key=args.api_key, max_waiting=args.max_waiting, model_name=args.alias,
-                     n_threads=args.threads)
+                     n_threads=args.threads, prompt_cache_mb=args.prompt_cache)
     # uvloop and httptools where installed ("auto"); uvicorn's SIGINT/SIGTERM handling stops
     # accepting, waits up to --drain seconds for running requests, then closes the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,

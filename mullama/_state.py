@@ -82,6 +82,14 @@ def unpack(data: bytes, what: str) -> SavedState:
     return SavedState(header, tokens, body[tok_start + 4 * n_tokens:])
 
 
+def peek_tokens(data: bytes) -> list[int]:
+    """The tokens of a state made by this process (no checksum: for indexing, not loading)."""
+    (n_head,) = struct.unpack_from("<I", data, len(MAGIC))
+    start = len(MAGIC) + 4
+    n_tokens = int(json.loads(data[start:start + n_head])["n_tokens"])
+    return list(struct.unpack_from(f"<{n_tokens}i", data, start + n_head))
+
+
 def check_fits(state: SavedState, model: Any, n_ctx: int, n_seq: int, what: str) -> None:
     """StateError unless `state` was saved from this model with this context layout."""
     saved, here = state.header.get("model", {}), model_fingerprint(model)

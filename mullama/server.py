@@ -44,6 +44,7 @@ from ._completion import Completion, TokenLogprob
 from ._errors import ChatTemplateError, ContextOverflowError, GrammarError, InvalidArgumentError, MullamaError
 from ._llama import Model
 from ._params import MAX_STOP_LENGTH, MAX_STOPS, SamplerParams
+from ._prompt_cache import PromptCache
 from .aio import AsyncEmbeddingGenerator, AsyncEngine, load_model
 
 __all__ = ["create_app"]
@@ -429,7 +430,7 @@ class _Server:
     def __init__(self, model: str | PathLike[str] | Model | None, embedding_model: str | PathLike[str] | Model | None,
                  *, parallel: int, ctx_size: int | None, api_key: str | None, max_waiting: int | None,
                  model_name: str | None, embedding_model_name: str | None, n_batch: int, n_threads: int,
-                 embedding_ctx_size: int | None) -> None:
+                 embedding_ctx_size: int | None, prompt_cache_mb: int = 256) -> None:
         if model is None:
             from . import models
 
@@ -453,6 +454,7 @@ class _Server:
         self.embedding_model: Model | None = None
         self.error: str | None = None
         self.active = 0          # engine requests submitted and not finished
+        self.prompt_cache = PromptCache(prompt_cache_mb << 20)
         self._embed_lock = anyio.Lock()
 
     # -- lifetime -------------------------------------------------------------------------------
@@ -529,7 +531,7 @@ class _Server:
             return _json({"status": "error", "error": self.error}, 503)
         if self.engine is None:
             return _json({"status": "loading"}, 503, {"Retry-After": "1"})
-        return _json({"status": "ok", **self.engine.stats()})
+        return _json({"status": "ok", **self.engine.stats(), "prompt_cache": self.prompt_cache.stats()})
 
     async def models(self, request: Request) -> Response:
         names = dict.fromkeys([self.model_name, self.embedding_name])
@@ -696,11 +698,15 @@ class _Server:
         max_field = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = _int(body, max_field, None if chat else 16, 0, 1 << 30)
         jobs = []   # (choice index, prompt tokens, echo, params, max_tokens)
+        saved = []  # per job: (a cached state its prompt begins with, whether to keep its own)
+        cache = self.prompt_cache
         for p, toks in enumerate(prompts):
             room = limit - len(toks)
+            found = cache.lookup(toks)
             for j, prm in enumerate(_choice_params(params, n)):
                 jobs.append((p * n + j, toks, echoes[p] if p < len(echoes) else "", prm,
                              room if max_tokens is None else max_tokens))
+                saved.append((found, j == 0 and cache.wants(toks)))
         cid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -709,13 +715,15 @@ class _Server:
         release = self.admit(len(jobs))
         if not stream:
             try:
-                done = await _until_disconnect(request, lambda: _complete_all(engine, jobs))
+                done = await _until_disconnect(request, lambda: _complete_all(engine, jobs, saved))
             except MullamaError as exc:
                 raise _from_mullama(exc) from None
             finally:
                 release()
             if isinstance(done, Response):
                 return done
+            for c in done:
+                cache.store(c.state)
             choices = [self._choice(index, c, echo, prm, chat) for (index, _, echo, prm, _), c in zip(jobs, done)]
             prompt_tokens = sum(len(p) for p in prompts)
             completion_tokens = sum(c.usage.completion_tokens for c in done)
@@ -727,8 +735,8 @@ class _Server:
         # Streams are submitted here, before the response starts: bad input is still a 400.
         streams: list[Any] = []
         try:
-            for _, toks, _, prm, mt in jobs:
-                streams.append(engine.stream_from_tokens(toks, mt, prm, buffer=64))
+            for (_, toks, _, prm, mt), (found, keep) in zip(jobs, saved):
+                streams.append(engine.stream_from_tokens(toks, mt, prm, buffer=64, state=found, keep_state=keep))
         except BaseException as exc:
             for s in streams:
                 s.cancel()
@@ -764,6 +772,8 @@ class _Server:
             with anyio.CancelScope(shield=True):
                 for s in streams:
                     await s.aclose()
+            for s in streams:
+                cache.store(s.state)
             release()
             state[0] = sum(len(p) for p in prompts)
             state[1] = sum(s.usage.completion_tokens for s in streams)
@@ -840,9 +850,10 @@ async def _together(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
     return results
 
 
-async def _complete_all(engine: AsyncEngine, jobs: list[Any]) -> list[Completion]:
+async def _complete_all(engine: AsyncEngine, jobs: list[Any], saved: list[Any]) -> list[Completion]:
     """The completions of all jobs, decoded together on the engine."""
-    return await _together([functools.partial(engine.complete, toks, mt, prm) for _, toks, _, prm, mt in jobs])
+    return await _together([functools.partial(engine.complete, toks, mt, prm, state=state, keep_state=keep)
+                            for (_, toks, _, prm, mt), (state, keep) in zip(jobs, saved)])
 
 
 def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
@@ -974,7 +985,7 @@ def create_app(model: str | PathLike[str] | Model | None = None, *,
                embedding_model: str | PathLike[str] | Model | None = None, parallel: int = 8,
                ctx_size: int | None = None, api_key: str | None = None, max_waiting: int | None = None,
                model_name: str | None = None, embedding_model_name: str | None = None, n_batch: int = 512,
-               n_threads: int = 0, embedding_ctx_size: int | None = None) -> Any:
+               n_threads: int = 0, embedding_ctx_size: int | None = None, prompt_cache_mb: int = 256) -> Any:
     """An ASGI application serving OpenAI's API from ``model`` (a GGUF path or a loaded
     :class:`mullama.Model`; default: :func:`mullama.models.fetch`).
 
@@ -985,7 +996,9 @@ def create_app(model: str | PathLike[str] | Model | None = None, *,
     ``/v1/embeddings`` (default: the generation model). Models named by path are loaded when the
     application starts (its lifespan), in the background: ``/health`` answers 503 ``loading``
     until they are ready. Model names in the API are the file names without ``.gguf`` unless
-    ``model_name``/``embedding_model_name`` are given.
+    ``model_name``/``embedding_model_name`` are given. Up to ``prompt_cache_mb`` MiB of recent
+    requests' caches are kept (0: none), so a prompt that begins with an earlier conversation
+    decodes only what is new (``usage.prompt_tokens_details.cached_tokens``).
     """
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel={parallel!r} must be an int >= 1")
@@ -994,7 +1007,8 @@ def create_app(model: str | PathLike[str] | Model | None = None, *,
         raise ValueError(f"max_waiting={max_waiting!r} must be None or an int >= 0")
     server = _Server(model, embedding_model, parallel=parallel, ctx_size=ctx_size, api_key=api_key,
                      max_waiting=max_waiting, model_name=model_name, embedding_model_name=embedding_model_name,
-                     n_batch=n_batch, n_threads=n_threads, embedding_ctx_size=embedding_ctx_size)
+                     n_batch=n_batch, n_threads=n_threads, embedding_ctx_size=embedding_ctx_size,
+                     prompt_cache_mb=prompt_cache_mb)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

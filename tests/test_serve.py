@@ -484,3 +484,26 @@ def test_create_app_serves_a_loaded_model_in_process(smollm):
         server.should_exit = True
         thread.join(30)
     assert not thread.is_alive()
+
+
+SYSTEM = ("You are a careful assistant for a museum of natural history. You answer visitors' questions "
+          "about the exhibits in one short sentence, in plain words, without lists, and you never "
+          "invent opening hours or prices: you send visitors to the front desk for those.")
+
+
+def test_a_conversations_next_turn_reuses_the_cached_prompt(client):
+    first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Where are the dinosaurs?"}]
+    a = client.chat.completions.create(model=MODEL, messages=first, max_tokens=16, temperature=0)
+    assert a.usage.prompt_tokens >= 64   # long enough to be kept
+    follow = first + [{"role": "assistant", "content": a.choices[0].message.content},
+                      {"role": "user", "content": "And the minerals?"}]
+    b = client.chat.completions.create(model=MODEL, messages=follow, max_tokens=16, temperature=0)
+    # The second turn starts from the first one's saved cache: at least its whole prompt.
+    assert b.usage.prompt_tokens_details.cached_tokens >= a.usage.prompt_tokens
+    # A stream of the same turn says the same, and reports its cache use too.
+    stream = client.chat.completions.create(model=MODEL, messages=follow, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == b.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= a.usage.prompt_tokens
