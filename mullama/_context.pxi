@@ -461,8 +461,6 @@ cdef class Context:
         StateError for a state of another model, ``n_ctx`` or ``n_seq_max``, or a truncated or
         corrupted one; the context is left as it was (unless llama.cpp itself refuses the
         cache, which leaves it empty)."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidArgumentError(f"state must be bytes, got {type(data).__name__}")
         self._restore(data, "the state")
 
     def save_state(self, path):
@@ -481,8 +479,7 @@ cdef class Context:
     cdef int _restore(self, object data, str what) except -1:
         self._check()
         self._check_has_cache()
-        saved = _state.unpack(data, what)
-        _state.check_fits(saved, self.model, *self.core.state_layout(), what)
+        saved = _state.load(data, self.model, *self.core.state_layout(), what)
         cdef vector[llama_token] toks
         self.model._tokens_to_vector(saved.tokens, toks)
         self._enter(self.core.ticket())

@@ -69,11 +69,20 @@ cdef int _probe(str endpoint, double timeout) except -1:
     return 0
 
 
+cdef void _local_gpus(vector[ggml_backend_dev_t] & out):
+    """Append this machine's GPUs (not RPC servers': they are never registered globally)."""
+    cdef size_t i
+    cdef ggml_backend_dev_t dev
+    for i in range(ggml_backend_dev_count()):
+        dev = ggml_backend_dev_get(i)
+        if ggml_backend_dev_get_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU:
+            out.push_back(dev)
+
+
 cdef int _rpc_devices(list endpoints, vector[ggml_backend_dev_t] & out) except -1:
     """The devices of these RPC servers, in order, then this machine's own GPUs, as llama.cpp
     orders them (remote first, to keep transfers few); NULL-terminated for llama_model_params."""
     cdef ggml_backend_reg_t reg
-    cdef ggml_backend_dev_t dev
     cdef bytes b
     cdef const char * cb
     cdef size_t i
@@ -87,10 +96,7 @@ cdef int _rpc_devices(list endpoints, vector[ggml_backend_dev_t] & out) except -
             raise ModelLoadError(f"RPC server {endpoint} offers no devices")
         for i in range(ggml_backend_reg_dev_count(reg)):
             out.push_back(ggml_backend_reg_dev_get(reg, i))
-    for i in range(ggml_backend_dev_count()):
-        dev = ggml_backend_dev_get(i)
-        if ggml_backend_dev_get_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU:
-            out.push_back(dev)
+    _local_gpus(out)
     out.push_back(NULL)
     return 0
 
@@ -105,12 +111,7 @@ def rpc_serve(host="127.0.0.1", port=50052, *, n_threads=0, cache_dir=None):
     _parse_endpoint(f"{host}:{port}")
     _check_int(n_threads, "n_threads", 0, 1024)
     cdef vector[ggml_backend_dev_t] devs
-    cdef size_t i
-    cdef ggml_backend_dev_t dev
-    for i in range(ggml_backend_dev_count()):
-        dev = ggml_backend_dev_get(i)
-        if ggml_backend_dev_get_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU:
-            devs.push_back(dev)
+    _local_gpus(devs)
     if devs.size() == 0:
         devs.push_back(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU))
     # Fail here, with a clear message, on an address the server could not listen on.

@@ -266,10 +266,7 @@ cdef class Engine:
         and the prompt (whose beginning its tokens must be), or None."""
         if state is None:
             return None
-        if not isinstance(state, (bytes, bytearray, memoryview)):
-            raise InvalidArgumentError(f"state must be bytes, got {type(state).__name__}")
-        saved = _state.unpack(state, "the state")
-        _state.check_fits(saved, self.core.model, *self.core.state_layout(), "the state")
+        saved = _state.load(state, self.core.model, *self.core.state_layout(), "the state")
         if not saved.tokens or prompt[:len(saved.tokens)] != saved.tokens:
             raise InvalidArgumentError(
                 f"the state holds {len(saved.tokens)} tokens that are not the beginning of this "

@@ -71,6 +71,9 @@ cdef class LoraAdapter:
                 f"LoRA adapter {self.path!r} is applied by {self._users} open context(s); "
                 "close them or set_adapters([]) on them first"
             )
+        self._free()
+
+    cdef void _free(self):
         llama_adapter_lora_free(self.ptr)
         self.ptr = NULL
         self.model._release()
@@ -78,9 +81,7 @@ cdef class LoraAdapter:
     def __dealloc__(self):
         # Contexts that apply it hold it alive, so none is left here; no_gc_clear keeps model.
         if self.ptr != NULL:
-            llama_adapter_lora_free(self.ptr)
-            self.ptr = NULL
-            self.model._release()
+            self._free()
 
     def __enter__(self):
         return self

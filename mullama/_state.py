@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._errors import StateError
+from ._errors import InvalidArgumentError, StateError
 
 MAGIC = b"MULSTATE"
 VERSION = 1
@@ -57,7 +57,19 @@ def pack(model: Any, n_ctx: int, n_seq: int, tokens: Sequence[int], blob: bytes)
     return body + hashlib.sha256(body).digest()
 
 
-def unpack(data: bytes, what: str) -> SavedState:
+def _header(data: bytes, what: str) -> tuple[dict[str, Any], int]:
+    """A state's JSON header, and where its tokens start."""
+    (n_head,) = struct.unpack_from("<I", data, len(MAGIC))
+    start = len(MAGIC) + 4
+    try:
+        header = json.loads(data[start:start + n_head])
+        int(header["n_tokens"]), int(header["blob_len"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"{what} has an unreadable header ({exc})") from None
+    return header, start + n_head
+
+
+def unpack(data: bytes | bytearray | memoryview, what: str) -> SavedState:
     """Parse and check a state's framing and checksum; StateError naming `what` otherwise."""
     data = bytes(data)
     if len(data) < len(MAGIC) + 4 + _DIGEST or not data.startswith(MAGIC):
@@ -65,17 +77,11 @@ def unpack(data: bytes, what: str) -> SavedState:
     body, digest = data[:-_DIGEST], data[-_DIGEST:]
     if hashlib.sha256(body).digest() != digest:
         raise StateError(f"{what} is truncated or corrupted (its checksum does not match)")
-    (n_head,) = struct.unpack_from("<I", body, len(MAGIC))
-    start = len(MAGIC) + 4
-    try:
-        header = json.loads(body[start:start + n_head])
-        n_tokens, blob_len = int(header["n_tokens"]), int(header["blob_len"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise StateError(f"{what} has an unreadable header ({exc})") from None
+    header, tok_start = _header(body, what)
+    n_tokens, blob_len = int(header["n_tokens"]), int(header["blob_len"])
     if header.get("version") != VERSION:
         raise StateError(f"{what} has state format version {header.get('version')!r}; "
                          f"this mullama reads version {VERSION}")
-    tok_start = start + n_head
     if n_tokens < 0 or tok_start + 4 * n_tokens + blob_len != len(body):
         raise StateError(f"{what} is truncated or corrupted (its sizes do not add up)")
     tokens = list(struct.unpack_from(f"<{n_tokens}i", body, tok_start))
@@ -84,10 +90,18 @@ def unpack(data: bytes, what: str) -> SavedState:
 
 def peek_tokens(data: bytes) -> list[int]:
     """The tokens of a state made by this process (no checksum: for indexing, not loading)."""
-    (n_head,) = struct.unpack_from("<I", data, len(MAGIC))
-    start = len(MAGIC) + 4
-    n_tokens = int(json.loads(data[start:start + n_head])["n_tokens"])
-    return list(struct.unpack_from(f"<{n_tokens}i", data, start + n_head))
+    header, tok_start = _header(data, "a state of this process")
+    return list(struct.unpack_from(f"<{int(header['n_tokens'])}i", data, tok_start))
+
+
+def load(data: object, model: Any, n_ctx: int, n_seq: int, what: str) -> SavedState:
+    """A state given by a caller, parsed and checked against this model and context layout:
+    the one entry for Context.set_state/load_state and an Engine request's ``state``."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidArgumentError(f"state must be bytes, got {type(data).__name__}")
+    saved = unpack(data, what)
+    check_fits(saved, model, n_ctx, n_seq, what)
+    return saved
 
 
 def check_fits(state: SavedState, model: Any, n_ctx: int, n_seq: int, what: str) -> None:
