@@ -46,7 +46,7 @@ from ._llama import (
 )
 from ._params import SamplerParams, sampler_params_creative, sampler_params_greedy, sampler_params_precise
 from . import models
-from ._batching import EngineStream
+from ._batching import EngineRequest, EngineStream
 from ._completion import Completion, TokenLogprob, TopLogprob, Usage
 
 __version__ = "0.1.0"
@@ -102,6 +102,7 @@ __all__ = [
     "TokenStream",
     "EmbeddingGenerator",
     "Engine",
+    "EngineRequest",
     "EngineStream",
     "LoraAdapter",
     "rpc_serve",

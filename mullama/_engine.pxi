@@ -5,7 +5,7 @@
 import time as _time
 import weakref as _weakref
 
-from ._batching import EngineRequest, EngineStream
+from ._batching import EngineRequest, EngineStream, checked_prompt
 from ._completion import completion_of, read_until_cancelled
 
 
@@ -229,17 +229,18 @@ cdef class Engine:
 
     # -- submission (any thread) ---------------------------------------------------------------
 
-    def _submit(self, prompt, tokens, max_tokens, params, capacity, state=None, keep_state=False):
+    def submit(self, prompt, max_tokens=100, params=None, *, buffer=8, state=None, keep_state=False):
+        """Queue a completion of ``prompt`` (text or token ids) and return its
+        :class:`EngineRequest` at once; read it with ``EngineStream(request, engine)`` or
+        ``mullama.aio.AsyncEngineStream``. Everything is checked here, before it is queued.
+        :meth:`stream` and :meth:`complete` are the usual ways in."""
         if self.closing:
             raise ClosedError("this Engine is closed")
         # buffer=0 would pause the request for good: its consumer waits for a piece that the
         # engine never produces while the buffer is "full".
-        _check_int(capacity, "buffer", 1, 1 << 30)
+        _check_int(buffer, "buffer", 1, 1 << 30)
         cdef vector[llama_token] toks
-        if tokens is None:
-            self.core.model._prompt_tokens(prompt, toks)
-        else:
-            self.core.model._tokens_to_vector(tokens, toks)
+        self.core.model._prompt_or_tokens(prompt, toks)
         if toks.size() == 0:
             raise InvalidArgumentError("prompt is empty; give at least one token of text")
         if <int> toks.size() > self._n_ctx_seq:
@@ -250,7 +251,7 @@ cdef class Engine:
         _check_int(max_tokens, "max_tokens", 0, 1 << 30)
         # Made here, so that a bad grammar, stop or bias raises in the caller, not in a stream.
         controls = _Controls.make(params, self.core.model, self._n_ctx_seq)
-        req = EngineRequest([toks[i] for i in range(toks.size())], max_tokens, controls, capacity, self.kick.set,
+        req = EngineRequest([toks[i] for i in range(toks.size())], max_tokens, controls, buffer, self.kick.set,
                             (<_Controls> controls).c.want_logprobs)
         req.saved = self._check_state(state, req.tokens)
         req.keep_state = bool(keep_state)
@@ -283,28 +284,27 @@ cdef class Engine:
         tokens begin ``prompt``: only the rest is decoded. ``keep_state=True`` saves the
         sequence as the request ends (``stream.state``), so a server can persist a long
         conversation between requests or restarts."""
-        return EngineStream(self._submit(prompt, None, max_tokens, params, buffer, state, keep_state), self)
+        return EngineStream(self.submit(checked_prompt(prompt, True), max_tokens, params, buffer=buffer, state=state,
+                                        keep_state=keep_state), self)
 
     def stream_from_tokens(self, tokens, max_tokens=100, params=None, *, buffer=8, state=None, keep_state=False):
-        return EngineStream(self._submit(None, tokens, max_tokens, params, buffer, state, keep_state), self)
+        return EngineStream(self.submit(checked_prompt(tokens, False), max_tokens, params, buffer=buffer, state=state,
+                                        keep_state=keep_state), self)
 
     def generate(self, prompt, max_tokens=100, params=None):
         """Complete ``prompt`` alongside the other requests; returns the new text."""
-        with EngineStream(self._submit(prompt, None, max_tokens, params, 1 << 30), self) as s:
+        with self.stream(prompt, max_tokens, params, buffer=1 << 30) as s:
             return "".join(s)
 
     def generate_from_tokens(self, tokens, max_tokens=100, params=None):
-        with EngineStream(self._submit(None, tokens, max_tokens, params, 1 << 30), self) as s:
+        with self.stream_from_tokens(tokens, max_tokens, params, buffer=1 << 30) as s:
             return "".join(s)
 
     def complete(self, prompt, max_tokens=100, params=None, *, state=None, keep_state=False):
         """Like :meth:`Context.complete`: a :class:`Completion` of ``prompt`` (text or token
         ids), decoded alongside the other requests in a sequence of its own. ``state`` and
         ``keep_state`` as for :meth:`stream`; the saved state is ``Completion.state``."""
-        if isinstance(prompt, str):
-            req = self._submit(prompt, None, max_tokens, params, 1 << 30, state, keep_state)
-        else:
-            req = self._submit(None, prompt, max_tokens, params, 1 << 30, state, keep_state)
+        req = self.submit(prompt, max_tokens, params, buffer=1 << 30, state=state, keep_state=keep_state)
         with EngineStream(req, self) as s:
             return completion_of(s, read_until_cancelled(s))
 

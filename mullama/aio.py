@@ -26,7 +26,7 @@ import anyio
 import sniffio
 
 from ._errors import ContextBusyError, GenerationCancelled, InvalidArgumentError, WrongEventLoopError
-from ._batching import EngineRequest
+from ._batching import EngineRequest, PieceBuffer, RequestView, checked_prompt
 from ._completion import Completion, TokenLogprob, Usage, completion_of, read_until_cancelled
 from ._llama import Context, EmbeddingGenerator, Engine, LoraAdapter, Model, TokenStream, _yield_to_waking_threads
 
@@ -193,48 +193,46 @@ async def load_model(path: Any, **params: Any) -> Model:
     return await _run_in_thread(lambda: Model.load(path, **params))
 
 
-class _Channel:
-    """What the worker thread and the consumer share. The worker holds only this, never the
-    AsyncTokenStream, so a stream dropped by its consumer can be garbage collected (and its
+async def _next_from(buf: PieceBuffer, wake: Callable[[Callable[[], object]], None]) -> str | None:
+    """The next piece of buf, None at the end, awaiting the producer's notice when it has none."""
+    while True:
+        with buf.cond:
+            try:
+                return buf.take()
+            except BlockingIOError:
+                event = anyio.Event()
+                buf.waker = lambda: wake(event.set)
+        await event.wait()
+
+
+class _StreamWorker:
+    """A worker thread running one TokenStream into a PieceBuffer. It holds only this, never
+    the AsyncTokenStream, so a stream dropped by its consumer can be garbage collected (and its
     __del__ can stop the worker)."""
 
-    def __init__(self, owner: AsyncContext, stream: TokenStream, capacity: int) -> None:
+    def __init__(self, owner: AsyncContext, stream: TokenStream, buf: PieceBuffer) -> None:
         self.owner = owner
         self.sync = stream
-        self.capacity = capacity
-        self.pieces: collections.deque[str] = collections.deque()
-        self.cond = threading.Condition()
-        self.finished = False        # the worker has ended (pieces may remain)
-        self.error: BaseException | None = None
-        self.closing = False
-        self.waiter: anyio.Event | None = None
+        self.buf = buf
         self.ended = anyio.Event()
         self.wake = _loop_waker()
-        self.finish_reason: str | None = None
 
     def work(self) -> None:
         _yield_cpu_to_the_event_loop()
-        stream = self.sync
+        stream, buf = self.sync, self.buf
+        error: BaseException | None = None
         try:
             with stream:
                 for piece in stream:
-                    with self.cond:
-                        while len(self.pieces) >= self.capacity and not self.closing:
-                            self.cond.wait()   # backpressure: the native loop waits here, GIL released
-                        if self.closing:
-                            break
-                        self.pieces.append(piece)
-                        self.notify_consumer()
+                    if not buf.push_wait(piece):   # backpressure: the native loop waits here
+                        break
         except GenerationCancelled as exc:
-            if not self.closing:
-                self.error = exc
+            if not buf.closing:
+                error = exc
         except BaseException as exc:  # noqa: BLE001 - crosses to the awaiting task unchanged
-            self.error = exc
+            error = exc
         finally:
-            self.finish_reason = stream.finish_reason
-            with self.cond:
-                self.finished = True
-                self.notify_consumer()
+            buf.finish(stream.finish_reason, error)
             self.wake(self.hand_back)
 
     def hand_back(self) -> None:
@@ -243,15 +241,8 @@ class _Channel:
         self.owner._gate.release()
         self.ended.set()
 
-    def notify_consumer(self) -> None:
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None:
-            self.wake(waiter.set)
-
     def cancel(self) -> None:
-        with self.cond:
-            self.closing = True
-            self.cond.notify_all()
+        self.buf.leave()
         self.sync.cancel()
 
 
@@ -263,13 +254,13 @@ class AsyncTokenStream:
     it at a time; ``aclose()`` may come from any task of the same event loop.
     """
 
-    _chan: _Channel | None = None
+    _worker: _StreamWorker | None = None
     _closed = True
 
     def __init__(self, actx: AsyncContext, stream: TokenStream, buffer: int) -> None:
         self._actx = actx  # keeps the context (and its model) alive
         self._sync = stream  # validated and numbered; it claims the context only in the worker
-        self._capacity = buffer
+        self._buf = PieceBuffer(buffer)
         self._closed = False
         self._reading = False
 
@@ -306,24 +297,27 @@ class AsyncTokenStream:
         self._sync.cancel()
 
     async def aread(self) -> str:
-        """The rest of the text, once the generation has ended."""
+        """The rest of the text, once the generation has ended (an event-loop wake-up per
+        ``buffer`` pieces, not per piece)."""
+        with self._buf.cond:
+            self._buf.wake_each = False
         return "".join([piece async for piece in self])
 
-    async def _start(self) -> _Channel:
-        if self._chan is not None:
-            return self._chan
+    async def _start(self) -> _StreamWorker:
+        if self._worker is not None:
+            return self._worker
         actx = self._actx
         actx._bind_loop()
-        chan = _Channel(actx, self._sync, self._capacity)
+        worker = _StreamWorker(actx, self._sync, self._buf)
         await actx._gate.acquire()
         try:
-            threading.Thread(target=chan.work, name="mullama-stream", daemon=True).start()
+            threading.Thread(target=worker.work, name="mullama-stream", daemon=True).start()
         except BaseException:
             actx._gate.release()
             raise
-        actx._streams.add(chan)
-        self._chan = chan
-        return chan
+        actx._streams.add(worker)
+        self._worker = worker
+        return worker
 
     def __aiter__(self) -> AsyncTokenStream:
         return self
@@ -335,41 +329,33 @@ class AsyncTokenStream:
             raise ContextBusyError("another task is already awaiting this stream's next piece")
         self._reading = True
         try:
-            return await self._next_piece()
+            piece = await self._next_piece()
         finally:
             self._reading = False
+        if piece is None:
+            self._closed = True
+            raise StopAsyncIteration
+        return piece
 
-    async def _next_piece(self) -> str:
+    async def _next_piece(self) -> str | None:
         self._actx._bind_loop()
-        chan = await self._start()
-        while True:
-            with chan.cond:
-                if chan.pieces:
-                    piece = chan.pieces.popleft()
-                    chan.cond.notify()
-                    return piece
-                if chan.finished:
-                    error, chan.error = chan.error, None
-                    if error is not None:
-                        raise error
-                    raise StopAsyncIteration
-                waiter = chan.waiter = anyio.Event()
-            try:
-                await waiter.wait()
-            except BaseException:
-                await self.aclose()
-                raise
+        worker = await self._start()
+        try:
+            return await _next_from(self._buf, worker.wake)
+        except BaseException:
+            await self.aclose()
+            raise
 
     async def aclose(self) -> None:
         """Stop the native loop (within one token) and wait until the context is free again."""
         self._actx._bind_loop()
         self._closed = True
-        if self._chan is None:
+        if self._worker is None:
             self._sync.close()   # never started: it holds nothing, but its sampler goes now
             return
-        self._chan.cancel()
+        self._worker.cancel()
         with anyio.CancelScope(shield=True):
-            await self._chan.ended.wait()
+            await self._worker.ended.wait()
 
     async def __aenter__(self) -> AsyncTokenStream:
         await self._start()
@@ -380,8 +366,8 @@ class AsyncTokenStream:
 
     def __del__(self) -> None:
         # Dropped without aclose(): stop the worker; it hands the context back by itself.
-        if self._chan is not None and not self._chan.finished:
-            self._chan.cancel()
+        if self._worker is not None and not self._buf.finished:
+            self._worker.cancel()
 
 
 class AsyncContext(_LoopBound):
@@ -406,7 +392,7 @@ class AsyncContext(_LoopBound):
             yarn_beta_fast=yarn_beta_fast, yarn_beta_slow=yarn_beta_slow, yarn_orig_ctx=yarn_orig_ctx,
             adapters=adapters)
         self._gate = _Turnstile()
-        self._streams: set[_Channel] = set()   # started and not yet handed back
+        self._streams: set[_StreamWorker] = set()   # started and not yet handed back
 
     @property
     def model(self) -> Model:
@@ -541,8 +527,8 @@ class AsyncContext(_LoopBound):
     async def aclose(self) -> None:
         """Stop the streams still open on this context, then free it."""
         self._bind_loop()
-        for chan in list(self._streams):
-            chan.cancel()
+        for worker in list(self._streams):
+            worker.cancel()
         async with self._gate:
             self.context.close()
 
@@ -602,85 +588,28 @@ class AsyncEmbeddingGenerator(_LoopBound):
         await self.aclose()
 
 
-class AsyncEngineStream:
+class AsyncEngineStream(RequestView):
     """Pieces of one engine request: an async iterator and an async context manager, like
     :class:`AsyncTokenStream`. Leaving early cancels the request; its slot is freed at the
     engine's next step, without disturbing the other requests."""
 
-    _request: EngineRequest | None = None
-
-    def __init__(self, owner: AsyncEngine, request: EngineRequest) -> None:
-        self._owner = owner   # keeps the engine alive; its event loop is this stream's
-        self._wake = _loop_waker()
+    def __init__(self, request: EngineRequest, owner: AsyncEngine) -> None:
         self._request = request   # submitted: the engine works on it from now on
+        self._owner = owner       # keeps the engine alive; its event loop is this stream's
+        self._wake = _loop_waker()
         self._reading = False
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._request.finish_reason if self._request is not None else None
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self._request.tokens) if self._request is not None else 0
-
-    @property
-    def completion_tokens(self) -> int:
-        """Tokens generated so far."""
-        return self._request.completion_tokens if self._request is not None else 0
-
-    @property
-    def tokens(self) -> list[int]:
-        """The ids of the tokens generated so far."""
-        return list(self._request.generated) if self._request is not None else []
-
-    @property
-    def logprobs(self) -> list[TokenLogprob] | None:
-        """A TokenLogprob per generated token so far, or None unless the params asked for them."""
-        logprobs = self._request.logprobs if self._request is not None else None
-        return None if logprobs is None else list(logprobs)  # type: ignore[arg-type]
-
-    @property
-    def usage(self) -> Usage:
-        assert self._request is not None
-        return self._request.usage()
-
-    @property
-    def state(self) -> bytes | None:
-        """The saved state of a request made with ``keep_state=True``, once it has ended."""
-        assert self._request is not None
-        return self._request.state
-
-    def cancel(self) -> None:
-        """Stop the request at the engine's next step; iterating then ends."""
-        if self._request is not None:
-            self._request.cancel()
 
     def __aiter__(self) -> AsyncEngineStream:
         return self
 
-    def _arm(self, req: EngineRequest) -> anyio.Event:
-        """An event the engine sets at its next notice for req. Call with req.cond held."""
-        event = anyio.Event()
-        wake = self._wake
-        req.waker = lambda: wake(event.set)
-        return event
-
     async def _next_piece(self) -> str | None:
         """The next piece, None at the end; leaving early (an error, cancellation) cancels."""
-        req = self._request
-        assert req is not None
         self._owner._bind_loop()
         if self._reading:
             raise ContextBusyError("another task is already awaiting this stream's next piece")
         self._reading = True
         try:
-            while True:
-                with req.cond:
-                    try:
-                        return req.take()
-                    except BlockingIOError:
-                        event = self._arm(req)
-                await event.wait()
+            return await _next_from(self._request, self._wake)
         except BaseException:
             await self.aclose()
             raise
@@ -697,7 +626,6 @@ class AsyncEngineStream:
         """Wait for the end of the request (one event-loop wake-up, not one per piece) and
         return the text not yet taken."""
         req = self._request
-        assert req is not None
         with req.cond:
             req.wake_each = False
         pieces: list[str] = []
@@ -708,7 +636,7 @@ class AsyncEngineStream:
     async def aclose(self) -> None:
         """Cancel the request and wait until the engine has let it go."""
         req = self._request
-        if req is None or req.finished:
+        if req.finished:
             return
         self._owner._bind_loop()
         req.cancel()
@@ -717,7 +645,8 @@ class AsyncEngineStream:
                 with req.cond:
                     if req.finished:
                         return
-                    event = self._arm(req)
+                    event = anyio.Event()
+                    req.waker = lambda: self._wake(event.set)
                 await event.wait()
 
     async def __aenter__(self) -> AsyncEngineStream:
@@ -727,7 +656,7 @@ class AsyncEngineStream:
         await self.aclose()
 
     def __del__(self) -> None:
-        if self._request is not None and not self._request.finished:
+        if not self._request.finished:
             self._request.cancel()
 
 
@@ -763,17 +692,26 @@ class AsyncEngine(_LoopBound):
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 
+    def submit(self, prompt: str | Sequence[int], max_tokens: int = 100, params: Any = None, *, buffer: int = 8,
+               state: bytes | None = None, keep_state: bool = False) -> EngineRequest:
+        """Queue a completion, as :meth:`mullama.Engine.submit`; read it with ``AsyncEngineStream``."""
+        return self.engine.submit(prompt, max_tokens, params, buffer=buffer, state=state, keep_state=keep_state)
+
     def stream(self, prompt: str, max_tokens: int = 100, params: Any = None, *, buffer: int = 8,
                state: bytes | None = None, keep_state: bool = False) -> AsyncEngineStream:
         """Pieces of one completion; the request is checked and queued here, before iteration
         (``state`` and ``keep_state`` as for :meth:`mullama.Engine.stream`)."""
         self._bind_loop()
-        return AsyncEngineStream(self, self.engine._submit(prompt, None, max_tokens, params, buffer, state, keep_state))
+        request = self.submit(checked_prompt(prompt, True), max_tokens, params, buffer=buffer, state=state,
+                              keep_state=keep_state)
+        return AsyncEngineStream(request, self)
 
     def stream_from_tokens(self, tokens: Sequence[int], max_tokens: int = 100, params: Any = None, *,
                            buffer: int = 8, state: bytes | None = None, keep_state: bool = False) -> AsyncEngineStream:
         self._bind_loop()
-        return AsyncEngineStream(self, self.engine._submit(None, tokens, max_tokens, params, buffer, state, keep_state))
+        request = self.submit(checked_prompt(tokens, False), max_tokens, params, buffer=buffer, state=state,
+                              keep_state=keep_state)
+        return AsyncEngineStream(request, self)
 
     async def generate(self, prompt: str, max_tokens: int = 100, params: Any = None) -> str:
         async with self.stream(prompt, max_tokens, params, buffer=1 << 30) as s:
@@ -786,12 +724,9 @@ class AsyncEngine(_LoopBound):
     async def complete(self, prompt: str | Sequence[int], max_tokens: int = 100, params: Any = None, *,
                        state: bytes | None = None, keep_state: bool = False) -> Completion:
         """A :class:`Completion` of ``prompt`` (text or token ids), as :meth:`mullama.Engine.complete`."""
-        if isinstance(prompt, str):
-            stream = self.stream(prompt, max_tokens, params, buffer=1 << 30, state=state, keep_state=keep_state)
-        else:
-            stream = self.stream_from_tokens(prompt, max_tokens, params, buffer=1 << 30, state=state,
-                                             keep_state=keep_state)
-        async with stream as s:
+        self._bind_loop()
+        request = self.submit(prompt, max_tokens, params, buffer=1 << 30, state=state, keep_state=keep_state)
+        async with AsyncEngineStream(request, self) as s:
             try:
                 text = await s.aread()
             except GenerationCancelled:

@@ -244,6 +244,39 @@ async def test_many_streams_on_one_model(smollm, greedy):
     assert [results[i] for i in range(len(prompts))] == expected
 
 
+async def test_aread_on_a_small_buffer_reads_past_it(smollm, greedy):
+    """aread() wakes the task only when the buffer fills or the generation ends; a buffer far
+    smaller than the reply must still be drained, not leave the producer paused for good."""
+    with mullama.Context(smollm, n_ctx=512) as sync_ctx:
+        expected = sync_ctx.generate(PROMPT, 40, greedy)
+    async with mullama.aio.AsyncContext(smollm, n_ctx=512) as actx:
+        with anyio.fail_after(60):
+            async with actx.stream(PROMPT, 40, greedy, buffer=2) as s:
+                assert await s.aread() == expected
+    async with mullama.aio.AsyncEngine(smollm, n_parallel=2, n_ctx=1024) as engine:
+        with anyio.fail_after(60):
+            async with engine.stream(PROMPT, 40, greedy, buffer=2) as s:
+                assert await s.aread() == expected
+            assert s.completion_tokens == 40
+
+
+async def test_submitted_request_is_read_by_either_stream(smollm, greedy):
+    async with mullama.aio.AsyncEngine(smollm, n_parallel=2, n_ctx=1024) as engine:
+        request = engine.submit(PROMPT, 16, greedy)
+        assert isinstance(request, mullama.EngineRequest)
+        async with mullama.aio.AsyncEngineStream(request, engine) as s:
+            text = "".join([piece async for piece in s])
+        with mullama.EngineStream(engine.submit(engine.model.tokenize(PROMPT), 16, greedy), engine) as sync_s:
+            assert await anyio.to_thread.run_sync(sync_s.read) == text
+        assert s.finish_reason == "length" and s.usage.completion_tokens == 16
+        with pytest.raises(mullama.InvalidArgumentError, match="prompt must be a str"):
+            engine.stream(engine.model.tokenize(PROMPT), 4)
+        with pytest.raises(mullama.InvalidArgumentError, match="tokens must be a sequence"):
+            engine.stream_from_tokens(PROMPT, 4)
+        with pytest.raises(mullama.InvalidArgumentError, match="buffer"):
+            engine.submit(PROMPT, 4, buffer=0)
+
+
 async def test_async_embeddings(minilm, minilm_reference):
     async with mullama.aio.AsyncEmbeddingGenerator(minilm) as gen:
         vecs = await gen.embed_batch(minilm_reference["sentences"])
