@@ -249,7 +249,7 @@ cdef class Context:
         while keep < limit and self.hist[keep] == toks[keep]:
             keep += 1
         if keep < <int> self.hist.size():
-            _seq_rm(&self.core.st, 0, keep, -1)
+            keep = self.core.keep_prefix(0, keep)
             self.hist.resize(keep)
         cdef Gen g
         self._init_gen(&g, NULL, 0)

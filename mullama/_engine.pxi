@@ -32,6 +32,21 @@ cdef enum SlotState:
     SLOT_PROMPT = 1
     SLOT_GEN = 2
     SLOT_DONE = 3
+    SLOT_FOLLOW = 4           # waiting for another slot to decode the prefix it will copy
+
+
+# The shortest cached prefix a request starts from. A shorter one (a BOS token, a template's
+# first line) saves next to nothing, while decoding the prompt whole keeps a request's text
+# independent of what its slot served before (llama.cpp's sums depend on the batch's shape).
+cdef enum:
+    REUSE_MIN = 32
+
+
+def _common_prefix(list a, list b):
+    cdef Py_ssize_t n = min(len(a), len(b)), k = 0
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
 
 
 cdef struct ESlot:
@@ -153,6 +168,9 @@ cdef class Engine:
     cdef int n_slots
     cdef vector[vector[llama_token]] prompts
     cdef list requests               # the request in each slot, or None
+    cdef list cached                 # the tokens a free slot's sequence still holds
+    cdef list follow                 # per slot: (leader slot, leader request, prefix length) or None
+    cdef int share_min               # the fewest extra tokens worth copying another sequence for
     cdef object waiting              # deque of EngineRequest, arrival order
     cdef object qlock                # guards waiting; never held while taking a request's lock
     cdef object kick                 # set when there is something for the engine thread to do
@@ -163,6 +181,8 @@ cdef class Engine:
     cdef readonly int n_parallel
     cdef object _done_times          # (time, n_tokens) of recent steps, for tokens/s
     cdef long long _generated_total
+    cdef long long _reused_total      # prompt tokens found in the cache instead of decoded
+    cdef long long _prompt_decoded_total
     cdef long long _steps
     cdef int _nice
     cdef object __weakref__
@@ -199,6 +219,10 @@ cdef class Engine:
             self.slots[i].ctl = NULL
         self.prompts.resize(n_parallel)
         self.requests = [None] * n_parallel
+        self.cached = [[] for _ in range(n_parallel)]
+        self.follow = [None] * n_parallel
+        # Copying a sequence copies its whole cache stream: worth it for a long shared prefix.
+        self.share_min = max(64, self._n_ctx_seq // 16)
         self.waiting = collections.deque()
         self.qlock = threading.Lock()
         self.kick = threading.Event()
@@ -309,7 +333,9 @@ cdef class Engine:
             return completion_of(s, read_until_cancelled(s))
 
     def stats(self):
-        """Running and waiting requests, slot use and recent generated tokens per second."""
+        """Running and waiting requests, slot use, recent generated tokens per second, and
+        the prompt tokens decoded and those found in the cache (a slot's earlier request, a
+        running request's shared prefix, or a ``state``) since the engine started."""
         now = _time.monotonic()
         recent = [(t, n) for t, n in list(self._done_times) if now - t <= 5.0]
         tps = 0.0
@@ -323,6 +349,8 @@ cdef class Engine:
             "slot_use": running / self.n_slots,
             "tokens_per_second": tps,
             "generated_tokens": self._generated_total,
+            "prompt_tokens_decoded": self._prompt_decoded_total,
+            "reused_tokens": self._reused_total,
             "steps": self._steps,
         }
 
@@ -338,6 +366,7 @@ cdef class Engine:
         self.core.arm_for_thread()   # this thread polls no signals: only the main thread gets them
         while not self.closing:
             self.kick.clear()   # before looking for work: a later set() wakes the thread's wait
+            self._advance_followers()   # first: a new request may take a leader's freed slot
             self._admit()
             self._reap_cancelled()
             self._sweep_waiting()
@@ -367,38 +396,106 @@ cdef class Engine:
         return False
 
     cdef void _admit(self):
+        """Give waiting requests the free slots, each the one whose cache holds the longest
+        beginning of its prompt; a longer one being decoded by another slot is copied."""
         cdef int i
-        cdef ESlot * s
+        while any(r is None for r in self.requests):
+            req = self._next_waiting()
+            if req is None:
+                return
+            i = self._pick_slot(req.tokens)
+            held, self.cached[i] = self.cached[i], []
+            self._start_slot(i, req)
+            if req.saved is not None:
+                self._restore_slot(i, req)
+            else:
+                self._reuse_prefix(i, req, held)
+
+    cdef object _next_waiting(self):
+        while True:
+            with self.qlock:
+                req = self.waiting.popleft() if self.waiting else None
+            if req is None or not req.cancelled:
+                return req
+            req.finish("cancelled", GenerationCancelled("the request was cancelled"))
+
+    cdef int _pick_slot(self, list toks):
+        """The free slot with the longest common prefix; among equals, the least cached."""
+        cdef int i, best = -1, best_common = -1
         for i in range(self.n_slots):
             if self.requests[i] is not None:
                 continue
-            while True:
-                with self.qlock:
-                    req = self.waiting.popleft() if self.waiting else None
-                if req is None:
-                    return
-                if not req.cancelled:
-                    break
-                req.finish("cancelled", GenerationCancelled("the request was cancelled"))
-            self.slots[i].ctl = (<_Controls> req.params).c
-            self.prompts[i].clear()
-            for t in req.tokens:
-                self.prompts[i].push_back(t)
-            s = &self.slots[i]
-            s.state = SLOT_PROMPT
-            s.paused = False
-            s.n_past = 0
-            s.prompt_pos = 0
-            s.n_prompt = <int> self.prompts[i].size()
-            s.max_tokens = req.max_tokens
-            s.n_generated = 0
-            s.pending = -1
-            s.finish = FINISH_NONE
-            _seq_rm(&self.core.st, i, -1, -1)
-            req.slot = i
-            self.requests[i] = req
-            if req.saved is not None:
-                self._restore_slot(i, req)
+            common = _common_prefix(self.cached[i], toks)
+            if common > best_common or (common == best_common and len(self.cached[i]) < len(self.cached[best])):
+                best, best_common = i, common
+        return best
+
+    cdef void _start_slot(self, int i, object req):
+        cdef ESlot * s = &self.slots[i]
+        self.slots[i].ctl = (<_Controls> req.params).c
+        self.prompts[i].clear()
+        for t in req.tokens:
+            self.prompts[i].push_back(t)
+        s.state = SLOT_PROMPT
+        s.paused = False
+        s.n_past = 0
+        s.prompt_pos = 0
+        s.n_prompt = <int> self.prompts[i].size()
+        s.max_tokens = req.max_tokens
+        s.n_generated = 0
+        s.pending = -1
+        s.finish = FINISH_NONE
+        req.slot = i
+        self.requests[i] = req
+
+    cdef void _reuse_prefix(self, int i, object req, list held):
+        """Keep what slot i's cache shares with the prompt, or follow a busy slot that holds
+        (or is decoding) a longer part of it. The prompt's last token is always decoded."""
+        toks = req.tokens
+        cdef int limit = len(toks) - 1
+        cdef int own = min(_common_prefix(held, toks), limit)
+        if own < REUSE_MIN:
+            own = 0   # saves next to nothing, and the text then never depends on the slot's past
+        cdef int j, leader = -1, longest = own + self.share_min - 1
+        for j in range(self.n_slots):
+            r = self.requests[j]
+            if j == i or r is None or self.slots[j].state == SLOT_FOLLOW:
+                continue
+            common = min(_common_prefix(r.tokens, toks), limit)
+            if common > longest:
+                leader, longest = j, common
+        if leader >= 0:
+            self.slots[i].state = SLOT_FOLLOW
+            self.follow[i] = (leader, self.requests[leader], longest)
+            return
+        self._resume_at(i, self.core.keep_prefix(i, own))
+
+    cdef void _resume_at(self, int i, int keep):
+        self.slots[i].n_past = keep
+        self.slots[i].prompt_pos = keep
+        self.requests[i].reused = keep
+        self._reused_total += keep
+        self._prompt_decoded_total += self.slots[i].n_prompt - keep
+
+    cdef void _advance_followers(self):
+        """Followers whose leader has decoded the shared prefix copy its sequence; a follower
+        whose leader ended early decodes its prompt itself."""
+        cdef int i, leader, upto
+        for i in range(self.n_slots):
+            if self.follow[i] is None or self.requests[i] is None:
+                continue
+            leader, leader_req, upto = self.follow[i]
+            running = self.requests[leader] is leader_req
+            if running and self.slots[leader].n_past < upto:
+                continue   # not decoded that far yet
+            self.follow[i] = None
+            self.slots[i].state = SLOT_PROMPT
+            toks = self.requests[i].tokens
+            if running or (self.requests[leader] is None and _common_prefix(self.cached[leader], toks) >= upto):
+                self.core.copy_sequence(leader, i)
+                self._resume_at(i, self.core.keep_prefix(i, upto))
+            else:
+                self._resume_at(i, self.core.keep_prefix(i, 0))
 
     cdef void _restore_slot(self, int i, object req):
         """Start slot i from the request's saved state: its tokens begin the prompt (checked at
@@ -409,18 +506,13 @@ cdef class Engine:
             self._free_slot(i, None, StateError("the state could not be loaded into an engine sequence: "
                                                 "llama.cpp refused its cache (another cache type or layout?)"))
             return
-        cdef int keep = min(n, self.slots[i].n_prompt - 1)
-        _seq_rm(&self.core.st, i, keep, -1)
-        self.slots[i].n_past = keep
-        self.slots[i].prompt_pos = keep
-        req.reused = keep
+        self._resume_at(i, self.core.keep_prefix(i, min(n, self.slots[i].n_prompt - 1)))
 
     cdef object _saved_state(self, int i, object r):
         """The state of slot i's sequence as request r ends: its cache and the tokens in it."""
-        cdef int n_past = self.slots[i].n_past
-        toks = list(r.tokens) + list(r.generated[:max(0, n_past - len(r.tokens))])
         try:
-            return _state.pack(self.core.model, *self.core.state_layout(), toks, self.core.seq_state(i))
+            return _state.pack(self.core.model, *self.core.state_layout(), self._held_tokens(i, r),
+                               self.core.seq_state(i))
         except StateError:
             logging.getLogger("mullama").warning("could not save the state of an engine sequence")
             return None
@@ -445,17 +537,32 @@ cdef class Engine:
                 self._free_slot(i, "cancelled", None)
 
     cdef void _free_slot(self, int i, object reason, object error):
+        """Let slot i's request go. Its sequence stays in the cache for a later prompt that
+        begins the same way, unless the request failed."""
         r = self.requests[i]
         if r is not None and r.keep_state and error is None and reason != "cancelled":
             r.state = self._saved_state(i, r)
         self.requests[i] = None
+        self.follow[i] = None
         self.slots[i].ctl = NULL
         self.slots[i].state = SLOT_FREE
-        _seq_rm(&self.core.st, i, -1, -1)
+        if r is None or error is not None:
+            _seq_rm(&self.core.st, i, -1, -1)
+            self.cached[i] = []
+        else:
+            self.cached[i] = self._held_tokens(i, r)
         self.prompts[i].clear()
         if r is not None:
             r.params = None   # the controls: their candidate array is n_vocab entries long
             r.finish(reason, error)
+
+    cdef list _held_tokens(self, int i, object r):
+        """The tokens slot i's sequence holds: the prompt, then what was generated, n_past in all."""
+        cdef int n_past = self.slots[i].n_past
+        held = list(r.tokens[:n_past])
+        if n_past > len(r.tokens):
+            held += r.generated[:n_past - len(r.tokens)]
+        return held
 
     cdef void _deliver(self):
         cdef int i, produced = 0

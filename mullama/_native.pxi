@@ -153,6 +153,27 @@ cdef class _NativeContext:
     cdef void clear(self):
         llama_memory_clear(llama_get_memory(self.st.ctx), True)
 
+    cdef int keep_prefix(self, int seq, int keep):
+        """Trim sequence seq to its first keep positions; returns how many it still holds
+        usable (0, and the sequence emptied, when llama.cpp cannot cut it there, or when
+        positions the next token attends to are gone: a sliding window lets old ones go)."""
+        cdef llama_memory_t mem = llama_get_memory(self.st.ctx)
+        cdef int window = llama_model_n_swa(self.model.ptr)
+        cdef int oldest_needed = max(0, keep - window) if window > 0 else 0
+        if keep > 0 and llama_memory_seq_rm(mem, seq, keep, -1) \
+                and llama_memory_seq_pos_max(mem, seq) == keep - 1 \
+                and llama_memory_seq_pos_min(mem, seq) <= oldest_needed:
+            return keep
+        llama_memory_seq_rm(mem, seq, -1, -1)
+        return 0
+
+    cdef void copy_sequence(self, int src, int dst):
+        """Make sequence dst a copy of sequence src (its cells, or with one cache stream per
+        sequence its whole stream, copied at the next decode)."""
+        cdef llama_memory_t mem = llama_get_memory(self.st.ctx)
+        llama_memory_seq_rm(mem, dst, -1, -1)
+        llama_memory_seq_cp(mem, src, dst, -1, -1)
+
     cdef int raise_for(self, Decoded d, str what) except -1:
         """The one place a decode status becomes an exception (the table is in _errors)."""
         if d == DECODED:

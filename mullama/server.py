@@ -921,6 +921,11 @@ class _Metrics:
                                           value=stats.get("generated_tokens", 0))
                 yield CounterMetricFamily("mullama_engine_steps", "Decode steps of the engine",
                                           value=stats.get("steps", 0))
+                yield CounterMetricFamily("mullama_prompt_tokens_decoded", "Prompt tokens the engine decoded",
+                                          value=stats.get("prompt_tokens_decoded", 0))
+                yield CounterMetricFamily("mullama_reused_tokens",
+                                          "Prompt tokens the engine found in its cache instead of decoding",
+                                          value=stats.get("reused_tokens", 0))
                 yield GaugeMetricFamily("mullama_ready", "1 once the model is loaded",
                                         value=1 if server.engine is not None else 0)
 

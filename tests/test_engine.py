@@ -241,3 +241,83 @@ def test_concurrent_greedy_equals_served_alone_on_each_architecture(generator, g
         assert all(t.strip() for t in together)
     else:
         assert together == [alone[p] for p in PROMPTS[:4]]
+
+
+SYSTEM = ("You are a careful assistant. Answer in one short sentence, name your sources when you "
+          "can, say so when you do not know, and never invent numbers. ") * 6
+
+
+def _alone(model, prompts, n, greedy):
+    with mullama.Context(model, n_ctx=1024) as ctx:
+        out = []
+        for p in prompts:
+            ctx.clear_cache()
+            out.append(ctx.generate(p, n, greedy))
+    return out
+
+
+def test_a_slot_keeps_its_cache_for_the_next_request_that_begins_the_same(smollm, greedy):
+    first = SYSTEM + "Question: what is the capital of France?"
+    second = first + " And of Italy?"
+    with mullama.Engine(smollm, n_parallel=2, n_ctx=2048) as e:
+        a = e.complete(first, 16, greedy)
+        b = e.complete(second, 16, greedy)
+        unrelated = e.complete("Water boils at", 16, greedy)
+        stats = e.stats()
+    n_first = len(smollm.tokenize(first))
+    assert a.usage.reused_tokens == 0
+    assert b.usage.reused_tokens >= n_first - 1        # the first prompt was not decoded again
+    assert b.usage.evaluated_tokens == b.usage.prompt_tokens - b.usage.reused_tokens
+    assert unrelated.usage.reused_tokens == 0           # a BOS in common is not worth reusing
+    assert [a.text, b.text, unrelated.text] == _alone(smollm, [first, second, "Water boils at"], 16, greedy)
+    assert stats["reused_tokens"] == b.usage.reused_tokens
+    assert stats["prompt_tokens_decoded"] == sum(c.usage.evaluated_tokens for c in (a, b, unrelated))
+
+
+def _first_top(logprobs):
+    return {t.token: t.logprob for t in logprobs[0].top}
+
+
+def _like_alone(model, prompt, top, params):
+    """True when the first token's five best alternatives, with their log-probabilities, are
+    what the prompt gives decoded alone, up to the differences llama.cpp's sums show between
+    batch shapes (measured up to 0.3 on these prompts with no sharing at all). A sequence
+    copied wrong, or not at all, gives another distribution."""
+    with mullama.Context(model, n_ctx=1024) as ctx:
+        ref = _first_top(ctx.complete(prompt, 1, params).logprobs)
+    common = set(ref) & set(top)
+    return len(common) >= 4 and max(abs(ref[k] - top[k]) for k in common) < 0.6
+
+
+LOGPROBS = mullama.SamplerParams(temperature=0.0, top_k=1, logprobs=True, n_probs=5)
+
+
+def test_running_requests_with_a_shared_prefix_decode_it_once(smollm):
+    questions = ["What is the capital of France?", "Why is the sky blue?", "Name a prime number.",
+                 "What is two plus two?"]
+    prompts = [SYSTEM + "Question: " + q for q in questions]
+    n_system = len(smollm.tokenize(SYSTEM + "Question:"))
+    with mullama.Engine(smollm, n_parallel=4, n_ctx=4096, n_batch=256) as e:
+        requests = [e.submit(p, 4, LOGPROBS, buffer=1 << 20) for p in prompts]   # queued at once
+        streams = [mullama.EngineStream(r, e) for r in requests]
+        for s in streams:
+            s.read()
+        decoded = e.stats()["prompt_tokens_decoded"]
+    one = len(smollm.tokenize(prompts[0]))
+    assert decoded <= 1.5 * one, f"{decoded} prompt tokens decoded for 4 requests; one alone is {one}"
+    assert sum(s.usage.reused_tokens >= n_system - 1 for s in streams) == 3
+    assert [_like_alone(smollm, p, _first_top(s.logprobs), LOGPROBS) for p, s in zip(prompts, streams)] == [True] * 4
+    # the check can fail: another prompt's distribution is not "like" this one's
+    assert not _like_alone(smollm, prompts[1], _first_top(streams[0].logprobs), LOGPROBS)
+
+
+def test_a_follower_whose_leader_is_cancelled_still_completes(smollm):
+    prompts = [SYSTEM + "Question: What is the capital of France?", SYSTEM + "Question: Why is the sky blue?"]
+    with mullama.Engine(smollm, n_parallel=2, n_ctx=4096, n_batch=64, prompt_chunk=16) as e:
+        leader = e.submit(prompts[0], 4, LOGPROBS)
+        follower = e.submit(prompts[1], 4, LOGPROBS, buffer=1 << 20)
+        leader.cancel()
+        stream = mullama.EngineStream(follower, e)
+        stream.read()
+    assert stream.finish_reason in ("length", "stop") and stream.logprobs
+    assert _like_alone(smollm, prompts[1], _first_top(stream.logprobs), LOGPROBS)
