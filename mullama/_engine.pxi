@@ -406,9 +406,10 @@ cdef class Engine:
             i = self._pick_slot(req.tokens)
             held, self.cached[i] = self.cached[i], []
             self._start_slot(i, req)
-            if req.saved is not None:
+            if req.saved is not None and _common_prefix(held, req.tokens) < len(req.saved.tokens):
                 self._restore_slot(i, req)
-            else:
+            else:   # the slot's own cache holds at least as much as the state
+                req.saved = None
                 self._reuse_prefix(i, req, held)
 
     cdef object _next_waiting(self):

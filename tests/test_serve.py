@@ -507,3 +507,33 @@ def test_a_conversations_next_turn_reuses_the_cached_prompt(client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == b.choices[0].message.content
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= a.usage.prompt_tokens
+
+
+def _metric(http, name: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split(" ", 1)[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+@pytest.mark.anyio
+async def test_concurrent_chats_sharing_a_system_prompt_decode_it_once(server, http):
+    system = ("You answer questions about geography for school children, in two short sentences, "
+              "with one fact they can check in an atlas, and no lists. ") * 5
+    before = _metric(http, "mullama_prompt_tokens_decoded_total")
+    async with openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120) as client:
+        replies: dict = {}
+
+        async def one(i):
+            replies[i] = await client.chat.completions.create(
+                model=MODEL, max_tokens=4, temperature=0,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": f"Tell me about river {i}."}])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(one, i)
+    decoded = _metric(http, "mullama_prompt_tokens_decoded_total") - before
+    one_prompt = replies[0].usage.prompt_tokens
+    assert one_prompt > 150
+    assert decoded <= 1.5 * one_prompt, f"8 requests decoded {decoded} prompt tokens; one has {one_prompt}"
+    assert sum(r.usage.prompt_tokens_details.cached_tokens for r in replies.values()) >= 7 * (one_prompt - 20)
