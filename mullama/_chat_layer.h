@@ -28,6 +28,7 @@ struct mullama_chat_applied {
     bool grammar_lazy = false;
     std::vector<std::string> trigger_patterns;
     std::vector<llama_token> trigger_tokens;
+    std::vector<std::string> trigger_words;      /* the words among the triggers, as text */
     std::vector<llama_token> preserved_tokens;   /* those that are one token of this vocabulary */
     std::vector<std::string> additional_stops;
     std::string generation_prompt;
@@ -88,6 +89,7 @@ static inline void mullama_chat_triggers(const llama_vocab * vocab, const common
     for (const auto & t : p.grammar_triggers) {
         switch (t.type) {
             case COMMON_GRAMMAR_TRIGGER_TYPE_WORD: {
+                out->trigger_words.push_back(t.value);
                 auto ids = common_tokenize(vocab, t.value, false, true);
                 bool preserved = ids.size() == 1 &&
                     std::find(out->preserved_tokens.begin(), out->preserved_tokens.end(), ids[0]) !=

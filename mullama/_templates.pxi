@@ -14,6 +14,7 @@ cdef extern from "_chat_layer.h" nogil:
         cbool grammar_lazy
         vector[string] trigger_patterns
         vector[llama_token] trigger_tokens
+        vector[string] trigger_words
         vector[llama_token] preserved_tokens
         vector[string] additional_stops
         string generation_prompt
@@ -87,7 +88,7 @@ cdef class _ChatTemplates:
               json_schema=None, bint add_generation_prompt=True):
         """Render ``messages`` (OpenAI-shaped dicts, already checked) and say how to constrain
         and parse the reply: a dict of prompt, grammar, grammar_lazy, grammar_triggers,
-        grammar_trigger_tokens, preserved_tokens, additional_stops, generation_prompt, parser,
+        grammar_trigger_tokens, trigger_words, preserved_tokens, additional_stops, generation_prompt, parser,
         format and format_name. ChatTemplateError for what the template refuses."""
         self.model._check()
         request = _jsonlib.dumps({"messages": messages, "tools": tools, "tool_choice": tool_choice,
@@ -109,6 +110,7 @@ cdef class _ChatTemplates:
             "grammar_lazy": out.grammar_lazy,
             "grammar_triggers": [_text(p) for p in out.trigger_patterns],
             "grammar_trigger_tokens": list(out.trigger_tokens),
+            "trigger_words": [_text(w) for w in out.trigger_words],
             "preserved_tokens": list(out.preserved_tokens),
             "additional_stops": [_text(s) for s in out.additional_stops],
             "generation_prompt": _text(out.generation_prompt),
