@@ -7,6 +7,7 @@
 #define MULLAMA_CHAT_LAYER_H
 
 #include <exception>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "llama.h"
 #include "chat.h"
 #include "common.h"
+#include "log.h"
 
 /* The templates of one model (or of an override), as common_chat_templates_init reads them. */
 struct mullama_chat {
@@ -39,10 +41,18 @@ struct mullama_chat_applied {
 
 static inline mullama_chat * mullama_chat_init(const llama_model * model, const std::string & override_src,
                                                std::string * err) {
+    /* common's own log writes to stderr from a thread of its own; what it says about a template
+       comes back as the error here, so it stays quiet (mullama's convention for llama.cpp). */
+    common_log_set_verbosity_thold(LOG_LEVEL_OUTPUT);
     try {
-        mullama_chat * c = new mullama_chat();
+        if (!override_src.empty()) {
+            /* common_chat_templates_init rethrows a parse error as a bare std::exception: parse
+               it alone first, so that the reason comes back. */
+            common_chat_template probe(override_src, "", "");
+        }
+        std::unique_ptr<mullama_chat> c(new mullama_chat());
         c->tmpls = common_chat_templates_init(model, override_src);
-        return c;
+        return c.release();
     } catch (const std::exception & e) {
         *err = e.what();
         return nullptr;
@@ -167,18 +177,13 @@ static inline mullama_chat_parser * mullama_chat_parser_new(int format, const st
                                                             const std::string & parser, bool parse_tool_calls,
                                                             std::string * err) {
     try {
-        mullama_chat_parser * p = new mullama_chat_parser();
+        std::unique_ptr<mullama_chat_parser> p(new mullama_chat_parser());
         p->params.format = (common_chat_format) format;
         p->params.generation_prompt = generation_prompt;
         p->params.reasoning_format = COMMON_REASONING_FORMAT_AUTO;
         p->params.parse_tool_calls = parse_tool_calls;
-        try {
-            if (!parser.empty()) p->params.parser.load(parser);   /* as llama-server loads it */
-        } catch (...) {
-            delete p;
-            throw;
-        }
-        return p;
+        if (!parser.empty()) p->params.parser.load(parser);   /* as llama-server loads it */
+        return p.release();
     } catch (const std::exception & e) {
         *err = e.what();
         return nullptr;

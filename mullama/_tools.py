@@ -215,7 +215,9 @@ def plan(templates: _ChatTemplates, messages: list[dict[str, Any]], tools: ToolR
         raise FieldError("tools", f"llama.cpp's chat layer found no tool-call format in this chat template "
                          f"({applied['format_name']}); start the server with one it knows (--chat-template)")
     prefix = _required_prefix(shown, tools)
-    stops = list(params.stop_strings()) + [s for s in applied["additional_stops"] if s not in params.stop_strings()]
+    extra = applied["additional_stops"] + ([prefix] if prefix and not tools.parallel else [])
+    # One call wanted: a second marker ends the reply (llama.cpp's grammar would allow more).
+    stops = list(params.stop_strings()) + [s for s in extra if s not in params.stop_strings()]
     params = replace(params, stop=stops[:MAX_STOPS], grammar=applied["grammar"], grammar_lazy=applied["grammar_lazy"],
                      grammar_triggers=applied["grammar_triggers"],
                      grammar_trigger_tokens=applied["grammar_trigger_tokens"],
@@ -242,13 +244,17 @@ def _tool_call_json(call: Mapping[str, Any]) -> dict[str, Any]:
             "function": {"name": fn["name"], "arguments": fn["arguments"]}}
 
 
-def final_message(reader: _ChatParser, text: str, truncated: bool, max_calls: int | None = None) -> dict[str, Any]:
-    """The whole reply as OpenAI's assistant message. A reply cut short (by the token limit)
-    keeps what parsed; one that does not parse at all comes back as plain content."""
+def final_message(reader: _ChatParser, text: str, truncated: bool,
+                  max_calls: int | None = None) -> tuple[dict[str, Any], bool]:
+    """The whole reply as OpenAI's assistant message, and whether its calls are whole: a reply
+    cut short (by the token limit) keeps what parsed, and its calls are whole only when a later
+    one (dropped for max_calls) had begun. One that does not parse comes back as content."""
     try:
         _, msg = reader.feed(text, truncated)
     except ChatTemplateError:
         _, msg = reader.feed("", True)
+    calls = msg.get("tool_calls") or []
+    whole = bool(calls) and (not truncated or (max_calls is not None and len(calls) > max_calls))
     out: dict[str, Any] = {"role": "assistant", "content": msg.get("content") or None, "refusal": None}
     if msg.get("reasoning_content"):
         out["reasoning_content"] = msg["reasoning_content"]
@@ -256,7 +262,7 @@ def final_message(reader: _ChatParser, text: str, truncated: bool, max_calls: in
         out["tool_calls"] = [_tool_call_json(c) for c in msg["tool_calls"][:max_calls]]
     elif out["content"] is None:
         out["content"] = ""
-    return out
+    return out, whole
 
 
 class DeltaMaker:
@@ -269,6 +275,7 @@ class DeltaMaker:
         self.max_calls = max_calls
         self.named: set[int] = set()
         self.calls = 0
+        self.more = False    # a call beyond max_calls began: those kept are whole
 
     def feed(self, text: str, final: bool) -> dict[str, Any] | None:
         try:
@@ -277,7 +284,9 @@ class DeltaMaker:
             if not final:
                 raise
             diffs, msg = self.reader.feed("", True)
-        calls = (msg.get("tool_calls") or [])[:self.max_calls]
+        calls = msg.get("tool_calls") or []
+        self.more = self.max_calls is not None and len(calls) > self.max_calls
+        calls = calls[:self.max_calls]
         self.calls = len(calls)
         delta: dict[str, Any] = {}
         content = "".join(d.get("content", "") for d in diffs)

@@ -843,15 +843,15 @@ class _Server:
         if delta:
             await emit(chunk(delta, None))
         reason = _FINISH.get(s.finish_reason or "stop", "stop")
-        await emit(chunk({}, "tool_calls" if maker.calls and reason == "stop" else reason))
+        await emit(chunk({}, "tool_calls" if maker.calls and (reason == "stop" or maker.more) else reason))
 
     def _choice(self, index: int, c: Completion, echo: str, params: SamplerParams, chat: bool,
                 plan: _tools.ChatPlan | None = None) -> dict[str, Any]:
         reason = _FINISH.get(c.finish_reason or "stop", "stop")
         reader = plan.reader() if plan is not None else None
         if reader is not None:
-            message = _tools.final_message(reader, c.text, reason == "length", plan.max_calls)
-            if message.get("tool_calls") and reason == "stop":
+            message, whole = _tools.final_message(reader, c.text, reason == "length", plan.max_calls)
+            if whole:
                 reason = "tool_calls"
             return {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
         entries = _LogprobCursor().advance(c.logprobs, len(c.text.encode())) if params.logprobs else None
