@@ -849,7 +849,7 @@ class _Server:
                 plan: _tools.ChatPlan | None = None) -> dict[str, Any]:
         reason = _FINISH.get(c.finish_reason or "stop", "stop")
         reader = plan.reader() if plan is not None else None
-        if reader is not None:
+        if plan is not None and reader is not None:
             message, whole = _tools.final_message(reader, c.text, reason == "length", plan.max_calls)
             if whole:
                 reason = "tool_calls"
