@@ -6,6 +6,7 @@
 #ifndef MULLAMA_CHAT_LAYER_H
 #define MULLAMA_CHAT_LAYER_H
 
+#include <algorithm>
 #include <exception>
 #include <memory>
 #include <random>

@@ -197,7 +197,8 @@ def plan(templates: _ChatTemplates, messages: list[dict[str, Any]], tools: ToolR
     Runs the template (milliseconds): the server calls it off the event loop."""
     if (tools.tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)) \
             and not templates.supports_tools:
-        raise FieldError("tools", "this model's chat template cannot express tools or tool calls, so llama.cpp's "
+        raise FieldError("tools" if tools.tools else "messages",
+                         "this model's chat template cannot express tools or tool calls, so llama.cpp's "
                          "chat layer would ignore them; start the server with a template that can "
                          "(mullama serve --chat-template FILE, or create_app(chat_template=...))")
     if not tools.active:

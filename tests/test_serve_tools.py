@@ -6,13 +6,16 @@ from the template makes even a 135M model's call well-formed."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 
 import httpx
 import jsonschema
 import pytest
 
-from test_serve import KEY, THREADS, _error, _start, _stop
+from test_serve import KEY, ROOT, THREADS, _error, _start, _stop
 
 openai = pytest.importorskip("openai")
 
@@ -133,3 +136,12 @@ def test_langchain_bind_tools_gives_parsed_arguments(server):
     [call] = reply.tool_calls
     assert call["name"] == "get_weather" and call["id"]
     get_weather(**call["args"])   # LangChain parsed the JSON arguments; they fit the schema
+
+
+@pytest.mark.parametrize("template, words", [("{% for m in messages %}", "cannot be parsed"),
+                                             ("no-such-template.jinja", "neither a Jinja template nor a file")])
+def test_a_bad_chat_template_stops_serve_before_it_listens(smollm_path, template, words):
+    proc = subprocess.run([sys.executable, "-m", "mullama", "serve", "-m", str(smollm_path), "--chat-template",
+                           template, "--port", "1"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
