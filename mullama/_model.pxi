@@ -597,7 +597,7 @@ cdef tuple _chat_messages(object messages):
             unknown = sorted(set(m) - _MESSAGE_KEYS)
             if unknown:
                 raise ChatTemplateError(f"message {i}: unknown key(s) {unknown}; a message has {sorted(_MESSAGE_KEYS)}")
-            msg = {k: str(v) if k == "role" and isinstance(v, str) else v for k, v in m.items()}
+            msg = {k: str.__str__(v) if k == "role" and isinstance(v, str) else v for k, v in m.items()}
         elif isinstance(m, (tuple, list)) and len(m) == 2:
             msg = {"role": m[0], "content": m[1]}
         else:
@@ -608,7 +608,7 @@ cdef tuple _chat_messages(object messages):
         if not role:
             raise ChatTemplateError(f"message {i} has an empty role")
         if isinstance(content, str):
-            msg["content"] = str(content)   # a str subclass (numpy.str_) as plain str
+            msg["content"] = str.__str__(content)   # a str subclass (numpy.str_, a str Enum) as its text
         elif content is not None and not isinstance(content, list):
             raise ChatTemplateError(f"message {i}: role and content must be str (content may also be a list of "
                                     f"text parts), got {type(role).__name__} and {type(content).__name__}")
