@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
                           "its new turn (default 256; 0: off)")
     srv.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
                      help="mullama rpc-server processes to spread the model's layers over")
+    srv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEXT",
+                     help="a Jinja chat template (a file, or the template itself) replacing the model's own; "
+                          "tool calling needs one that can express tools")
     rpc = sub.add_parser("rpc-server", help="offer this machine's compute to llama.cpp RPC clients "
                                             "(no authentication: private networks only)")
     rpc.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -166,7 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
     embedding = mullama.Model.load(resolve_model(args.embedding_model)) if args.embedding_model else None
     app = create_app(model, embedding_model=embedding, parallel=args.parallel, ctx_size=args.ctx_size,
                      api_key=args.api_key, max_waiting=args.max_waiting, model_name=args.alias,
-                     n_threads=args.threads, prompt_cache_mb=args.prompt_cache)
+                     n_threads=args.threads, prompt_cache_mb=args.prompt_cache, chat_template=args.chat_template)
     # uvloop and httptools where installed ("auto"); uvicorn's SIGINT/SIGTERM handling stops
     # accepting, waits up to --drain seconds for running requests, then closes the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,

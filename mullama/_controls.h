@@ -7,6 +7,7 @@
 #define MULLAMA_CONTROLS_H
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -16,6 +17,7 @@
 #include "llama.h"
 #include "llama-grammar.h"
 #include "json-schema-to-grammar.h"
+#include "common.h"
 #include "_support.h"
 
 #define MULLAMA_MAX_TOP 20
@@ -46,6 +48,7 @@ struct mullama_controls {
     bool want_logprobs = false;
     int n_probs = 0;
     std::vector<std::string> stops;
+    std::vector<llama_token> preserved;  /* sorted: special tokens whose text is part of the output */
 
     std::vector<llama_token_data> cur;   /* n_vocab candidates, allocated at the first choice */
     mullama_token_info info{};           /* of the token just chosen, until it is taken */
@@ -133,17 +136,19 @@ static inline int mullama_choose(mullama_controls * c, const float * row, llama_
     }
 }
 
-/* Append the text of tok (however long) to s; false if llama.cpp gives none. */
-static inline bool mullama_append_piece(const llama_vocab * vocab, llama_token tok, std::string & s) {
+/* Append the text of tok (however long) to s; false if llama.cpp gives none. A special token
+   has text only when asked for (a tool call's markers, which its parser must see). */
+static inline bool mullama_append_piece(const llama_vocab * vocab, llama_token tok, std::string & s,
+                                        bool special = false) {
     char buf[256];
-    int n = llama_token_to_piece(vocab, tok, buf, sizeof(buf), 0, false);
+    int n = llama_token_to_piece(vocab, tok, buf, sizeof(buf), 0, special);
     if (n >= 0) {
         s.append(buf, n);
         return true;
     }
     const size_t old = s.size();   /* -n is the size the piece needs */
     s.resize(old - n);
-    n = llama_token_to_piece(vocab, tok, &s[old], -n, 0, false);
+    n = llama_token_to_piece(vocab, tok, &s[old], -n, 0, special);
     s.resize(old + (n > 0 ? n : 0));
     return n > 0;
 }
@@ -154,7 +159,8 @@ static inline bool mullama_take(mullama_controls * c, const llama_vocab * vocab,
     c->tokens.push_back(tok);
     if (c->want_logprobs) c->infos.push_back(c->info);
     const size_t old = c->text.size();
-    mullama_append_piece(vocab, tok, c->text);
+    const bool special = !c->preserved.empty() && std::binary_search(c->preserved.begin(), c->preserved.end(), tok);
+    mullama_append_piece(vocab, tok, c->text, special);
     if (c->stops.empty()) return false;
     size_t best = std::string::npos;
     for (const std::string & s : c->stops) {
@@ -237,6 +243,43 @@ static inline int mullama_check_grammar(const char * src, std::string * err) {
     }
     llama_grammar_free_impl(g);
     return MULLAMA_GRAMMAR_OK;
+}
+
+/* A lazy grammar: free text until a trigger (a pattern over the generated text, or a token);
+   from there on the grammar holds. std::regex throws for a bad pattern, which llama.cpp lets
+   through its C API: caught here. NULL with *err (empty: llama.cpp logged why). */
+static inline llama_sampler * mullama_grammar_lazy(const llama_vocab * vocab, const char * grammar,
+                                                   const std::vector<std::string> & patterns,
+                                                   const std::vector<llama_token> & tokens, std::string * err) {
+    std::vector<const char *> ptrs;
+    for (const auto & p : patterns) ptrs.push_back(p.c_str());
+    try {
+        return llama_sampler_init_grammar_lazy_patterns(vocab, grammar, "root", ptrs.data(), ptrs.size(),
+                                                        tokens.data(), tokens.size());
+    } catch (const std::exception & e) {
+        *err = std::string("a trigger pattern is not a valid regular expression: ") + e.what();
+        return nullptr;
+    }
+}
+
+/* Feed the grammar the tokens of text the prompt already ends with (a chat template's
+   generation prompt, where a tool-call grammar starts), as llama.cpp's common sampler does:
+   a first token that only adds a leading space is skipped. False if the grammar refuses it. */
+static inline bool mullama_grammar_prefill(llama_sampler * grammar, const llama_vocab * vocab, const std::string & text) {
+    try {
+        auto toks = common_tokenize(vocab, text, false, true);
+        for (size_t i = 0; i < toks.size(); i++) {
+            std::string piece = common_token_to_piece(vocab, toks[i], true);
+            if (i == 0 && !piece.empty() && std::isspace((unsigned char) piece[0]) && !text.empty() &&
+                !std::isspace((unsigned char) text[0])) {
+                continue;
+            }
+            llama_sampler_accept(grammar, toks[i]);
+        }
+        return true;
+    } catch (const std::exception &) {
+        return false;
+    }
 }
 
 /* JSON schema (as JSON text) -> GBNF, by llama.cpp's common library. */

@@ -3,7 +3,7 @@
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from os import PathLike
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, final
 
 from typing_extensions import disjoint_base
 
@@ -15,7 +15,7 @@ from ._completion import Completion, TokenLogprob, Usage
 from ._params import SamplerParams
 
 _Params = SamplerParams | Mapping[str, Any] | None
-_Message = tuple[str, str] | Mapping[str, str]
+_Message = tuple[str, str] | Mapping[str, Any]
 _Adapters = Iterable[tuple[LoraAdapter, float]] | None
 
 RPC_CONNECT_TIMEOUT: float
@@ -77,7 +77,26 @@ class Model:
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]: ...
     def detokenize(self, tokens: Iterable[int], remove_special: bool = False, unparse_special: bool = False) -> str: ...
     def token_is_eog(self, token: int) -> bool: ...
-    def apply_chat_template(self, messages: Iterable[_Message], add_generation_prompt: bool = True) -> str: ...
+    def apply_chat_template(self, messages: Iterable[_Message], add_generation_prompt: bool = True, *,
+                            chat_template: str | None = None,
+                            tools: Sequence[Mapping[str, Any]] | None = None) -> str: ...
+
+@final
+class _ChatTemplates:
+    model: Model
+    source: str
+    caps: dict[str, bool]
+    def __init__(self, model: Model, chat_template: str | None = None) -> None: ...
+    @property
+    def supports_tools(self) -> bool: ...
+    def apply(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+              tool_choice: str = "auto", parallel_tool_calls: bool = False, json_schema: Any = None,
+              add_generation_prompt: bool = True) -> dict[str, Any]: ...
+
+@final
+class _ChatParser:
+    def __init__(self, format: int, generation_prompt: str, parser: str, parse_tool_calls: bool = True) -> None: ...
+    def feed(self, text: str, partial: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]: ...
 
 @disjoint_base
 class TokenStream(Iterator[str]):

@@ -90,6 +90,7 @@ cdef class Model:
     cdef bint _close_requested
     cdef bint _vocab_only       # loaded without weights: no Context can compute with it
     cdef mullama_file_guard guard   # the mapped file as loaded; checked before every decode
+    cdef object _chat           # its _ChatTemplates, made at the first use
 
     def __cinit__(self):
         self.ptr = NULL
@@ -97,6 +98,7 @@ cdef class Model:
         self._users = 0
         self._close_requested = False
         self.guard.fd = -1
+        self._chat = None
 
     def __init__(self):
         raise TypeError("use Model.load(path) to load a model")
@@ -512,41 +514,49 @@ cdef class Model:
         _check_int(token, "token", 0, self._n_vocab - 1)
         return bool(llama_vocab_is_eog(self.vocab, token))
 
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        """Format a chat with the template stored in the model.
+    def apply_chat_template(self, messages, add_generation_prompt=True, *, chat_template=None, tools=None):
+        """Format a chat with the model's chat template, or with ``chat_template`` (a Jinja
+        template given as text).
 
-        ``messages`` are ``(role, content)`` tuples or ``{"role": ..., "content": ...}`` dicts.
+        ``messages`` are ``(role, content)`` tuples or OpenAI-shaped dicts (``role``,
+        ``content``, and for tool use ``tool_calls``, ``tool_call_id``, ``name``). ``tools`` is
+        a list of OpenAI tool definitions (``{"type": "function", "function": {...}}``) that the
+        template shows the model. Templates are rendered by llama.cpp's Jinja engine, so any
+        template in a GGUF works; plain messages on a template that llama.cpp's built-in
+        formats know give the text those formats give. ChatTemplateError when there is no
+        template, it fails, or it cannot show ``tools``.
 
         >>> model.apply_chat_template([("user", "Hi")])   # doctest: +SKIP
         '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
         """
         self._check()
+        msgs, plain = _chat_messages(messages)
+        if tools is not None:
+            tools = _chat_tools(tools)
+        if chat_template is None and tools is None and plain:
+            text = self._builtin_chat(msgs, add_generation_prompt)
+            if text is not None:
+                return text
+        templates = self._templates() if chat_template is None else _ChatTemplates(self, chat_template)
+        if tools and not templates.supports_tools:
+            raise ChatTemplateError("this chat template cannot show the model tools; give one that can "
+                                    "(chat_template=, --chat-template)")
+        return templates.apply(msgs, tools=tools or None, add_generation_prompt=add_generation_prompt)["prompt"]
+
+    cdef object _templates(self):
+        """The model's own templates for llama.cpp's chat layer, parsed once."""
+        if self._chat is None:
+            self._chat = _ChatTemplates(self)
+        return self._chat
+
+    cdef object _builtin_chat(self, list msgs, bint add_generation_prompt):
+        """llama_chat_apply_template's text, or None where it does not know the template."""
         cdef const char * tmpl = llama_model_chat_template(self.ptr, NULL)
         if tmpl == NULL:
-            raise ChatTemplateError(f"model {self.path!r} has no chat template; format the prompt yourself")
-        if isinstance(messages, (str, bytes, dict)) or not hasattr(messages, "__iter__"):
-            raise ChatTemplateError("messages must be a list of (role, content) tuples or dicts")
-        encoded = []
-        for i, m in enumerate(messages):
-            if isinstance(m, dict):
-                if "role" not in m or "content" not in m:
-                    raise ChatTemplateError(f"message {i} needs 'role' and 'content' keys, got {sorted(m)}")
-                role, content = m["role"], m["content"]
-            elif isinstance(m, (tuple, list)) and len(m) == 2:
-                role, content = m
-            else:
-                raise ChatTemplateError(f"message {i} must be a (role, content) tuple or a dict, got {m!r}")
-            if not isinstance(role, str) or not isinstance(content, str):
-                raise ChatTemplateError(
-                    f"message {i}: role and content must be str, got {type(role).__name__} and "
-                    f"{type(content).__name__}"
-                )
-            if not role:
-                raise ChatTemplateError(f"message {i} has an empty role")
-            encoded.append((_utf8(role, f"message {i} role").replace(b"\0", b""),
-                            _utf8(content, f"message {i} content").replace(b"\0", b"")))
-        if not encoded:
-            raise ChatTemplateError("messages is empty; give at least one message")
+            raise ChatTemplateError(f"model {self.path!r} has no chat template; format the prompt yourself "
+                                    "or give one (chat_template=)")
+        encoded = [(_utf8(m["role"], f"message {i} role").replace(b"\0", b""),
+                    _utf8(m["content"], f"message {i} content").replace(b"\0", b"")) for i, m in enumerate(msgs)]
         cdef Py_ssize_t n_msg = len(encoded)
         cdef llama_chat_message * chat = <llama_chat_message *> malloc(n_msg * sizeof(llama_chat_message))
         if chat == NULL:
@@ -567,7 +577,69 @@ cdef class Model:
         finally:
             free(chat)
         if n < 0:
-            raise ChatTemplateError(
-                "llama.cpp does not support this model's chat template; format the prompt yourself"
-            )
+            return None
         return bytes(buf[:n]).decode("utf-8", "replace")
+
+
+_MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content"}
+
+
+cdef tuple _chat_messages(object messages):
+    """Messages as OpenAI-shaped dicts, checked; and whether all are plain (role, content str)."""
+    if isinstance(messages, (str, bytes, dict)) or not hasattr(messages, "__iter__"):
+        raise ChatTemplateError("messages must be a list of (role, content) tuples or dicts")
+    out = []
+    plain = True
+    for i, m in enumerate(messages):
+        if isinstance(m, dict):
+            if "role" not in m or ("content" not in m and "tool_calls" not in m):
+                raise ChatTemplateError(f"message {i} needs 'role' and 'content' keys, got {sorted(m)}")
+            unknown = sorted(set(m) - _MESSAGE_KEYS)
+            if unknown:
+                raise ChatTemplateError(f"message {i}: unknown key(s) {unknown}; a message has {sorted(_MESSAGE_KEYS)}")
+            msg = {k: str.__str__(v) if k == "role" and isinstance(v, str) else v for k, v in m.items()}
+        elif isinstance(m, (tuple, list)) and len(m) == 2:
+            msg = {"role": m[0], "content": m[1]}
+        else:
+            raise ChatTemplateError(f"message {i} must be a (role, content) tuple or a dict, got {m!r}")
+        role, content = msg["role"], msg.get("content")
+        if not isinstance(role, str):
+            raise ChatTemplateError(f"message {i}: role must be str, got {type(role).__name__}")
+        if not role:
+            raise ChatTemplateError(f"message {i} has an empty role")
+        if isinstance(content, str):
+            msg["content"] = str.__str__(content)   # a str subclass (numpy.str_, a str Enum) as its text
+        elif content is not None and not isinstance(content, list):
+            raise ChatTemplateError(f"message {i}: role and content must be str (content may also be a list of "
+                                    f"text parts), got {type(role).__name__} and {type(content).__name__}")
+        plain = plain and set(msg) == {"role", "content"} and isinstance(msg["content"], str)
+        _check_json(msg, f"message {i}")
+        out.append(msg)
+    if not out:
+        raise ChatTemplateError("messages is empty; give at least one message")
+    return out, plain
+
+
+cdef list _chat_tools(object tools):
+    if not isinstance(tools, (list, tuple)):
+        raise ChatTemplateError(f"tools must be a list of OpenAI tool definitions, got {type(tools).__name__}")
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(f, dict) \
+                or not isinstance(f.get("name"), str) or not f["name"]:
+            raise ChatTemplateError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
+                                    "'parameters': {...}}}}")
+        if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
+            raise ChatTemplateError(f"tools[{i}].function.parameters must be a JSON schema object")
+        if f.get("description") is not None and not isinstance(f["description"], str):
+            raise ChatTemplateError(f"tools[{i}].function.description must be a str")
+        _check_json(t, f"tools[{i}]")
+    return list(tools)
+
+
+cdef int _check_json(object value, str where) except -1:
+    try:
+        _jsonlib.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ChatTemplateError(f"{where} is not JSON: {exc}") from None
+    return 0

@@ -48,6 +48,14 @@ class SamplerParams:
     DRY (``dry_multiplier`` > 0 turns it on), XTC (``xtc_probability`` > 0), ``top_n_sigma``
     (> 0 turns it on) and ``min_keep``.
 
+    Lazy grammars, as llama.cpp's chat layer makes them for tool calls: with ``grammar_lazy``
+    the text is free until a trigger appears, a regular expression of ``grammar_triggers``
+    (std::regex syntax; the grammar holds from its first capture group, or the whole match) or
+    a token of ``grammar_trigger_tokens``, and the grammar holds from there on.
+    ``grammar_prefill`` is text the prompt already ends with that the grammar begins with (a
+    chat template's generation prompt). ``preserved_tokens`` are special tokens whose text is
+    part of the output (a template's tool-call markers); others' text never is.
+
     >>> SamplerParams(temperature=0.2, top_k=20).top_k
     20
     >>> SamplerParams(stop=["\\n\\n"], json=True).validated().json
@@ -83,6 +91,11 @@ class SamplerParams:
     xtc_probability: float = 0.0
     xtc_threshold: float = 0.1
     top_n_sigma: float = -1.0
+    grammar_lazy: bool = False
+    grammar_triggers: Sequence[str] = ()
+    grammar_trigger_tokens: Sequence[int] = ()
+    grammar_prefill: str = ""
+    preserved_tokens: Sequence[int] = ()
 
     def validated(self) -> "SamplerParams":
         """Return self after checking every field; raise InvalidArgumentError (GrammarError for a
@@ -119,6 +132,7 @@ class SamplerParams:
         self._check_stops()
         self._check_bias()
         self._check_grammar()
+        self._check_lazy()
         return self
 
     def _check_types(self) -> None:
@@ -132,7 +146,7 @@ class SamplerParams:
                 raise InvalidArgumentError(f"SamplerParams.{name} must be a number, got {value!r}")
             if not math.isfinite(value):
                 raise InvalidArgumentError(f"SamplerParams.{name} must be finite, got {value!r}")
-        for name in ("json", "logprobs"):
+        for name in ("json", "logprobs", "grammar_lazy"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SamplerParams.{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -179,6 +193,24 @@ class SamplerParams:
                 raise TypeError(
                     f"SamplerParams.json_schema must be a dict (a JSON schema), got {type(self.json_schema).__name__}")
             schema_grammar(self.json_schema)
+
+    def _check_lazy(self) -> None:
+        _strings(self.grammar_triggers, "grammar_triggers")
+        for name in ("grammar_trigger_tokens", "preserved_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise TypeError(f"SamplerParams.{name} must be a list of token ids, got {type(value).__name__}")
+            for t in value:
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                    raise InvalidArgumentError(f"SamplerParams.{name} holds {t!r}; token ids are ints >= 0")
+        if not isinstance(self.grammar_prefill, str):
+            raise TypeError(f"SamplerParams.grammar_prefill must be a str, got {type(self.grammar_prefill).__name__}")
+        has_grammar = self.grammar is not None or self.json_schema is not None or self.json
+        if self.grammar_lazy and not has_grammar:
+            raise InvalidArgumentError("SamplerParams.grammar_lazy needs a grammar (grammar, json_schema or json)")
+        if self.grammar_lazy and not self.grammar_triggers and not self.grammar_trigger_tokens:
+            raise InvalidArgumentError("SamplerParams.grammar_lazy needs grammar_triggers or grammar_trigger_tokens: "
+                                       "without one the grammar would never hold")
 
     def grammar_text(self) -> str | None:
         """The GBNF this generation is constrained by: ``grammar``, or the grammar llama.cpp

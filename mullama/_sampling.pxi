@@ -27,6 +27,7 @@ cdef extern from "_controls.h" nogil:
         bint want_logprobs
         int n_probs
         vector[string] stops
+        vector[llama_token] preserved
         vector[llama_token] tokens
         vector[mullama_token_info] infos
         string text
@@ -36,6 +37,10 @@ cdef extern from "_controls.h" nogil:
     size_t mullama_ready(const mullama_controls * c)
     int mullama_check_grammar(const char * src, string * err) except +
     int mullama_schema_to_grammar(const string & schema, string * out, string * err) except +
+    llama_sampler * mullama_grammar_lazy(const llama_vocab * vocab, const char * grammar,
+                                         const vector[string] & patterns, const vector[llama_token] & tokens,
+                                         string * err)
+    bint mullama_grammar_prefill(llama_sampler * grammar, const llama_vocab * vocab, const string & text)
 
 
 # What _choose found, in numbers of its own.
@@ -112,7 +117,9 @@ cdef mullama_controls * _make_controls(object params, Model model, int n_ctx) ex
     try:
         c.chain = _make_chain(params, model, n_ctx, bias)
         if grammar is not None:
-            c.grammar = _make_grammar(grammar, model)
+            c.grammar = _make_grammar(grammar, model, params)
+        for t in sorted(set(_token_ids(params.preserved_tokens, "preserved_tokens", model._n_vocab))):
+            c.preserved.push_back(t)
         c.want_logprobs = params.logprobs or params.n_probs > 0
         c.n_probs = params.n_probs
         for s in stops:
@@ -124,17 +131,41 @@ cdef mullama_controls * _make_controls(object params, Model model, int n_ctx) ex
     return c
 
 
-cdef llama_sampler * _make_grammar(str grammar, Model model) except NULL:
+cdef llama_sampler * _make_grammar(str grammar, Model model, object params) except NULL:
     cdef bytes src = grammar.encode("utf-8")
     cdef string err
+    cdef vector[string] patterns
+    cdef vector[llama_token] tokens
     mark = _log_mark()
-    cdef llama_sampler * g = llama_sampler_init_grammar(model.vocab, src, b"root")
+    cdef llama_sampler * g
+    if params.grammar_lazy:
+        for p in _strings(params.grammar_triggers, "grammar_triggers"):
+            patterns.push_back(p.encode("utf-8"))
+        for t in _token_ids(params.grammar_trigger_tokens, "grammar_trigger_tokens", model._n_vocab):
+            tokens.push_back(t)
+        g = mullama_grammar_lazy(model.vocab, src, patterns, tokens, &err)
+        if g == NULL and not err.empty():
+            raise GrammarError(f"SamplerParams.grammar_triggers: {err.decode('utf-8', 'replace')}")
+    else:
+        g = llama_sampler_init_grammar(model.vocab, src, b"root")
     if g == NULL:
         # Only a grammar that names tokens gets here without having been checked (it needs
         # the vocabulary); the parser says what is wrong.
         mullama_check_grammar(src, &err)
         raise GrammarError(f"invalid grammar: {_grammar_reason(err, mark)}")
+    if params.grammar_prefill and not params.grammar_lazy:
+        if not mullama_grammar_prefill(g, model.vocab, params.grammar_prefill.encode("utf-8")):
+            llama_sampler_free(g)
+            raise GrammarError("SamplerParams.grammar_prefill: the grammar does not begin with this text")
     return g
+
+
+cdef list _token_ids(object ids, str name, int n_vocab):
+    out = list(ids)
+    for t in out:
+        if not 0 <= t < n_vocab:
+            raise InvalidArgumentError(f"SamplerParams.{name}: token id {t} is outside the vocabulary [0, {n_vocab})")
+    return out
 
 
 cdef list _logit_bias(object params, int n_vocab):

@@ -41,8 +41,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ._completion import Completion, TokenLogprob
+from . import _tools
 from ._errors import ChatTemplateError, ContextOverflowError, GrammarError, InvalidArgumentError, MullamaError
-from ._llama import Model
+from ._llama import Model, _ChatTemplates
 from ._params import MAX_STOP_LENGTH, MAX_STOPS, SamplerParams
 from ._prompt_cache import PromptCache
 from .aio import AsyncEmbeddingGenerator, AsyncEngine, load_model
@@ -56,8 +57,6 @@ MAX_TOP_LOGPROBS = 20      # as OpenAI
 MAX_BODY = 32 << 20        # bytes of one request body
 _FINISH = {"stop": "stop", "length": "length", "context": "length", "grammar": "stop", "cancelled": "stop"}
 _UNSUPPORTED = {           # OpenAI fields that change the answer and that this server cannot honour
-    "tools": "tool calling is not supported by this server yet",
-    "tool_choice": "tool calling is not supported by this server yet",
     "functions": "function calling is not supported by this server",
     "function_call": "function calling is not supported by this server",
     "audio": "audio output is not supported",
@@ -251,41 +250,6 @@ def _choice_params(params: SamplerParams, n: int) -> list[SamplerParams]:
     return [replace(params, seed=(params.seed - 1 + i) % 0xFFFFFFFE + 1) for i in range(n)]
 
 
-def _content_text(content: Any, where: str) -> str:
-    """A message's content: a string, or text content parts (joined by newlines, as llama.cpp does)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise _bad(where, "must be a string or a list of content parts")
-    texts = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise _bad(f"{where}[{j}]", f"only text content parts are supported, got {kind!r}")
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise _bad("messages", "must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _bad(where, "must be an object with 'role' and 'content'")
-        role = m.get("role")
-        if role == "tool" or m.get("tool_calls") or m.get("function_call"):
-            raise _bad(where, "tool calls and tool messages are not supported by this server yet")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise _bad(f"{where}.role", f"must be 'system', 'developer', 'user' or 'assistant', got {role!r}")
-        text = _content_text(m.get("content"), f"{where}.content")
-        out.append({"role": "system" if role == "developer" else role, "content": text})
-    return out
-
-
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     for name, why in _UNSUPPORTED.items():
         if body.get(name) not in (None, [], {}, "none", "auto"):
@@ -430,7 +394,7 @@ class _Server:
     def __init__(self, model: str | PathLike[str] | Model | None, embedding_model: str | PathLike[str] | Model | None,
                  *, parallel: int, ctx_size: int | None, api_key: str | None, max_waiting: int | None,
                  model_name: str | None, embedding_model_name: str | None, n_batch: int, n_threads: int,
-                 embedding_ctx_size: int | None, prompt_cache_mb: int = 256) -> None:
+                 embedding_ctx_size: int | None, prompt_cache_mb: int = 256, chat_template: str | None = None) -> None:
         if model is None:
             from . import models
 
@@ -452,6 +416,8 @@ class _Server:
         self.embedder: AsyncEmbeddingGenerator | None = None
         self.model: Model | None = None
         self.embedding_model: Model | None = None
+        self.chat_template = chat_template
+        self.templates: _ChatTemplates | None = None   # llama.cpp's chat layer, for tools and Jinja
         self.error: str | None = None
         self.active = 0          # engine requests submitted and not finished
         self.prompt_cache = PromptCache(prompt_cache_mb << 20)
@@ -465,6 +431,7 @@ class _Server:
             if self.embedding_src is not None:
                 self.embedding_model = await _loaded(self.embedding_src)
             model = self.model
+            self.templates = await anyio.to_thread.run_sync(self._templates)
             self.engine = await anyio.to_thread.run_sync(lambda: AsyncEngine(
                 model, n_parallel=self.parallel, n_ctx=self.ctx_size, n_batch=self.n_batch, n_threads=self.n_threads))
             log.info("serving %s (%d slots of %d tokens)", self.model_name, self.parallel,
@@ -472,6 +439,18 @@ class _Server:
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("could not start: %s", self.error)
+
+    def _templates(self) -> _ChatTemplates | None:
+        """The chat templates requests are rendered with: the --chat-template override (which
+        must parse), or the model's own (None if it has none; plain chats then fail clearly)."""
+        assert self.model is not None
+        if self.chat_template is not None:
+            return _ChatTemplates(self.model, self.chat_template)
+        try:
+            return _ChatTemplates(self.model)
+        except ChatTemplateError as exc:
+            log.warning("no tool calling: %s", exc)
+            return None
 
     async def stop(self) -> None:
         if self.engine is not None:
@@ -543,19 +522,39 @@ class _Server:
         engine = self.ready()
         name = self.check_model(body, [self.model_name])
         _refuse_unsupported(body)
-        messages = _messages(body.get("messages"))
         assert self.model is not None
-        try:
-            prompt = self.model.apply_chat_template(messages)
-        except ChatTemplateError as exc:
-            raise _bad("messages", str(exc)) from None
         logprobs = _bool(body, "logprobs")
         top = _intd(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
         if top and not logprobs:
             raise _bad("top_logprobs", "needs logprobs: true")
         params = _sampler(body, self.model.n_vocab, top, logprobs)
-        tokens = self._prompt(prompt, engine, "messages")
-        return await self._generate(request, body, name, tokens, [""], params, chat=True)
+        plan = await self._chat_plan(body, params)
+        tokens = self._prompt(plan.prompt, engine, "messages")
+        return await self._generate(request, body, name, tokens, [""], plan.params, chat=True, plan=plan)
+
+    async def _chat_plan(self, body: Mapping[str, Any], params: SamplerParams) -> _tools.ChatPlan:
+        """The prompt and parameters of a chat request. Plain chats on the model's own template
+        take llama.cpp's built-in formats where they know it (no Jinja run); tools, tool
+        messages and --chat-template go through llama.cpp's chat layer, off the event loop."""
+        assert self.model is not None
+        try:
+            messages, plain = _tools.read_messages(body.get("messages"))
+            tools = _tools.read_tools(body)
+            if tools.active and params.logprobs:
+                raise _tools.FieldError("logprobs", "is not supported together with tools")
+            if plain and not tools.tools and self.chat_template is None:
+                return _tools.ChatPlan(self.model.apply_chat_template(messages), params)
+            templates = self.templates
+            if templates is None:
+                raise _tools.FieldError("messages", f"model {self.model.path!r} has no chat template; start the "
+                                        "server with one (mullama serve --chat-template FILE)")
+            return await anyio.to_thread.run_sync(lambda: _tools.plan(templates, messages, tools, params))
+        except _tools.FieldError as exc:
+            raise _bad(exc.param, str(exc)) from None
+        except ChatTemplateError as exc:
+            raise _bad("messages", str(exc)) from None
+        except MullamaError as exc:
+            raise _from_mullama(exc, "tools") from None
 
     async def completions(self, request: Request) -> Response:
         body = await _body(request)
@@ -682,7 +681,7 @@ class _Server:
 
     async def _generate(self, request: Request, body: Mapping[str, Any], name: str,
                         tokens: list[int] | list[list[int]], echoes: list[str], params: SamplerParams,
-                        *, chat: bool) -> Response:
+                        *, chat: bool, plan: _tools.ChatPlan | None = None) -> Response:
         engine = self.ready()
         n = _intd(body, "n", 1, 1, MAX_N)
         prompts: list[list[int]]
@@ -724,7 +723,7 @@ class _Server:
                 return done
             for c in done:
                 cache.store(c.state)
-            choices = [self._choice(index, c, echo, prm, chat) for (index, _, echo, prm, _), c in zip(jobs, done)]
+            choices = [self._choice(index, c, echo, prm, chat, plan) for (index, _, echo, prm, _), c in zip(jobs, done)]
             prompt_tokens = sum(len(p) for p in prompts)
             completion_tokens = sum(c.usage.completion_tokens for c in done)
             cached = sum(c.usage.reused_tokens for c in done[::n])
@@ -752,7 +751,7 @@ class _Server:
             try:
                 if len(streams) == 1:
                     index, _, echo, prm, _ = jobs[0]
-                    await self._stream_choice(emit, streams[0], index, echo, prm, base, extra, chat)
+                    await self._stream_choice(emit, streams[0], index, echo, prm, base, extra, chat, plan)
                 else:
                     lock = anyio.Lock()
 
@@ -761,7 +760,7 @@ class _Server:
                             await emit(data)
 
                     await _together([functools.partial(self._stream_choice, locked_emit, s, job[0], job[2], job[3],
-                                                       base, extra, chat) for s, job in zip(streams, jobs)])
+                                                       base, extra, chat, plan) for s, job in zip(streams, jobs)])
             finally:
                 await close()
             if include_usage:
@@ -781,7 +780,10 @@ class _Server:
         return _EventStream(produce, close)  # type: ignore[return-value]
 
     async def _stream_choice(self, emit: Callable[[bytes], Awaitable[None]], s: Any, index: int, echo: str,
-                             params: SamplerParams, base: dict[str, Any], extra: dict[str, Any], chat: bool) -> None:
+                             params: SamplerParams, base: dict[str, Any], extra: dict[str, Any], chat: bool,
+                             plan: _tools.ChatPlan | None = None) -> None:
+        if plan is not None and plan.tools:
+            return await self._stream_tool_choice(emit, s, index, plan, base, extra)
         want_lp = params.logprobs
         cursor = _LogprobCursor()
         sent = 0        # bytes of text sent
@@ -819,8 +821,39 @@ class _Server:
         rest = cursor.advance(s.logprobs, sent) if want_lp else None
         await emit(chunk(None, reason, rest or None if chat else rest))
 
-    def _choice(self, index: int, c: Completion, echo: str, params: SamplerParams, chat: bool) -> dict[str, Any]:
+    async def _stream_tool_choice(self, emit: Callable[[bytes], Awaitable[None]], s: Any, index: int,
+                                  plan: _tools.ChatPlan, base: dict[str, Any], extra: dict[str, Any]) -> None:
+        """One choice of a request with tools: each piece is parsed with what came before it,
+        and the delta carries what changed (content, or a call's name, id and argument text)."""
+        reader = plan.reader()
+        assert reader is not None
+        maker = _tools.DeltaMaker(reader, plan.max_calls)
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+            return _sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                              "finish_reason": finish}], **extra})
+
+        await emit(chunk({"role": "assistant", "content": ""}, None))
+        async with s:
+            async for piece in s:
+                delta = maker.feed(piece, False)
+                if delta:
+                    await emit(chunk(delta, None))
+        delta = maker.feed("", True)
+        if delta:
+            await emit(chunk(delta, None))
+        reason = _FINISH.get(s.finish_reason or "stop", "stop")
+        await emit(chunk({}, "tool_calls" if maker.calls and (reason == "stop" or maker.more) else reason))
+
+    def _choice(self, index: int, c: Completion, echo: str, params: SamplerParams, chat: bool,
+                plan: _tools.ChatPlan | None = None) -> dict[str, Any]:
         reason = _FINISH.get(c.finish_reason or "stop", "stop")
+        reader = plan.reader() if plan is not None else None
+        if plan is not None and reader is not None:
+            message, whole = _tools.final_message(reader, c.text, reason == "length", plan.max_calls)
+            if whole:
+                reason = "tool_calls"
+            return {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
         entries = _LogprobCursor().advance(c.logprobs, len(c.text.encode())) if params.logprobs else None
         if chat:
             return {"index": index, "message": {"role": "assistant", "content": c.text, "refusal": None},
@@ -859,6 +892,21 @@ async def _complete_all(engine: AsyncEngine, jobs: list[Any], saved: list[Any]) 
 def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _template_text(value: str | PathLike[str] | None) -> str | None:
+    """A chat template given as text, or as the path of a file holding it."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, PathLike)):
+        raise InvalidArgumentError(f"chat_template={value!r} must be a Jinja template (str) or the path of a file "
+                                   "holding one")
+    if isinstance(value, str) and ("{{" in value or "{%" in value):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise InvalidArgumentError(f"chat_template={str(value)!r} is neither a Jinja template nor a file")
+    return path.read_text(encoding="utf-8")
 
 
 def _name_of(model: Any) -> str:
@@ -990,7 +1038,8 @@ def create_app(model: str | PathLike[str] | Model | None = None, *,
                embedding_model: str | PathLike[str] | Model | None = None, parallel: int = 8,
                ctx_size: int | None = None, api_key: str | None = None, max_waiting: int | None = None,
                model_name: str | None = None, embedding_model_name: str | None = None, n_batch: int = 512,
-               n_threads: int = 0, embedding_ctx_size: int | None = None, prompt_cache_mb: int = 256) -> Any:
+               n_threads: int = 0, embedding_ctx_size: int | None = None, prompt_cache_mb: int = 256,
+               chat_template: str | PathLike[str] | None = None) -> Any:
     """An ASGI application serving OpenAI's API from ``model`` (a GGUF path or a loaded
     :class:`mullama.Model`; default: :func:`mullama.models.fetch`).
 
@@ -1004,6 +1053,11 @@ def create_app(model: str | PathLike[str] | Model | None = None, *,
     ``model_name``/``embedding_model_name`` are given. Up to ``prompt_cache_mb`` MiB of recent
     requests' caches are kept (0: none), so a prompt that begins with an earlier conversation
     decodes only what is new (``usage.prompt_tokens_details.cached_tokens``).
+
+    ``chat_template`` (a Jinja template, or the path of a file holding one) replaces the
+    model's own; llama.cpp's chat layer renders it, and with it builds the grammar and the
+    parser of tool calls (``tools``, ``tool_choice``). A model whose template cannot express
+    tools answers requests with ``tools`` 400, naming this option.
     """
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel={parallel!r} must be an int >= 1")
@@ -1013,7 +1067,9 @@ def create_app(model: str | PathLike[str] | Model | None = None, *,
     server = _Server(model, embedding_model, parallel=parallel, ctx_size=ctx_size, api_key=api_key,
                      max_waiting=max_waiting, model_name=model_name, embedding_model_name=embedding_model_name,
                      n_batch=n_batch, n_threads=n_threads, embedding_ctx_size=embedding_ctx_size,
-                     prompt_cache_mb=prompt_cache_mb)
+                     prompt_cache_mb=prompt_cache_mb, chat_template=_template_text(chat_template))
+    if isinstance(model, Model) and server.chat_template is not None:
+        _ChatTemplates(model, server.chat_template)   # a template that does not parse: ChatTemplateError now
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -24,6 +24,8 @@ def test_sampler_params_defaults():
         min_keep=1, mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1, dry_multiplier=0.0, dry_base=1.75,
         dry_allowed_length=2, dry_penalty_last_n=-1, dry_sequence_breakers=("\n", ":", '"', "*"),
         xtc_probability=0.0, xtc_threshold=0.1, top_n_sigma=-1.0,
+        # No lazy grammar: a grammar, if any, holds from the first token.
+        grammar_lazy=False, grammar_triggers=(), grammar_trigger_tokens=(), grammar_prefill="", preserved_tokens=(),
     )
     assert p.grammar_text() is None and p.stop_strings() == []
 

@@ -163,6 +163,35 @@ def test_a_grammar_with_no_way_forward_ends_with_reason_grammar(ctx, smollm):
     assert ctx.generate("Say Q:", 8, greedy(grammar='root ::= "Q"')) == "Q"
 
 
+def _trigger_at(pieces: list[str]) -> int:
+    """The first generated token, after a few, whose text is a space and a word seen nowhere earlier."""
+    for i in range(3, len(pieces)):
+        word = pieces[i].strip()
+        if pieces[i] == " " + word and word.isalpha() and "".join(pieces[:i + 1]).find(word) == \
+                len("".join(pieces[:i + 1])) - len(word):
+            return i
+    raise AssertionError(f"no trigger word in {pieces}")
+
+
+@pytest.mark.parametrize("by", ["pattern", "token"])
+def test_a_lazy_grammar_holds_from_its_trigger_on(ctx, smollm, by):
+    free = ctx.complete(PROMPT, N, greedy())
+    pieces = [smollm.detokenize([t]) for t in free.tokens]
+    i = _trigger_at(pieces)
+    word = pieces[i].strip()
+    if by == "pattern":   # the grammar reads the text from the match on
+        lazy = dict(grammar=f'root ::= "{word}" " zebra"', grammar_triggers=[word])
+    else:                 # or from the trigger token on, the whole token
+        lazy = dict(grammar=f'root ::= " {word}" " zebra"', grammar_trigger_tokens=[free.tokens[i]])
+    c = ctx.complete(PROMPT, N, greedy(grammar_lazy=True, **lazy))
+    assert c.text == "".join(pieces[:i + 1]) + " zebra" and c.finish_reason == "stop"
+
+
+def test_grammar_prefill_is_text_the_grammar_has_already_read(ctx):
+    c = ctx.complete(PROMPT, 8, greedy(grammar='root ::= "Once upon" " a zebra"', grammar_prefill="Once upon"))
+    assert c.text == " a zebra"
+
+
 def test_json_object_mode_gives_json(ctx):
     c = ctx.complete('Give the answer as JSON: {"answer": 4}. What is 2+2?', 60, greedy(json=True))
     assert c.finish_reason == "stop"
@@ -367,6 +396,13 @@ BAD = [
     (dict(mirostat=3), InvalidArgumentError, "mirostat"),
     (dict(xtc_probability=2.0), InvalidArgumentError, "xtc_probability"),
     (dict(dry_base=0.5), InvalidArgumentError, "dry_base"),
+    (dict(grammar='root ::= "a"', grammar_lazy=True), InvalidArgumentError, "grammar_triggers"),
+    (dict(grammar_lazy=True, grammar_triggers=["a"]), InvalidArgumentError, "needs a grammar"),
+    (dict(grammar='root ::= "a"', grammar_lazy=True, grammar_triggers=["(unclosed"]), GrammarError, "grammar_triggers"),
+    (dict(grammar='root ::= "a"', grammar_lazy=True, grammar_trigger_tokens=[10**9]), InvalidArgumentError,
+     "vocabulary"),
+    (dict(preserved_tokens=[-1]), InvalidArgumentError, "preserved_tokens"),
+    (dict(grammar='root ::= "a"', grammar_prefill="b"), GrammarError, "grammar_prefill"),
 ]
 
 

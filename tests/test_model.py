@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -75,6 +76,58 @@ def test_apply_chat_template_accepts_tuples_and_dicts(smollm):
 def test_apply_chat_template_rejects_bad_messages(smollm, messages, match):
     with pytest.raises(mullama.ChatTemplateError, match=match):
         smollm.apply_chat_template(messages)
+
+
+# Gemma's turns (its registry GGUF carries no template of its own).
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + m['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+HERMES = (Path(__file__).parent / "data" / "hermes-tools.jinja").read_text()
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather now",
+                                                 "parameters": {"type": "object", "properties": {
+                                                     "city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_apply_chat_template_renders_a_jinja_template(gemma):
+    text = gemma.apply_chat_template([("user", "Hi "), ("assistant", "Hello!"), ("user", "Bye")],
+                                     chat_template=GEMMA_TEMPLATE)
+    assert text.endswith("<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+                         "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+    # A template llama.cpp's built-in formats could not imitate: it runs Jinja.
+    assert gemma.apply_chat_template([("user", "hi")], chat_template="{{ messages[0].content | upper }}!") == "HI!"
+
+
+def test_plain_chats_keep_the_builtin_format(smollm):
+    # The built-in ChatML format leaves out the default system message SmolLM2's Jinja adds.
+    assert smollm.apply_chat_template([("user", "Hi")]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    jinja = smollm.apply_chat_template([("user", "Hi")], chat_template=smollm.chat_template)
+    assert jinja.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+@pytest.mark.parametrize("template", ["{% for m in messages %}", "{{ raise_exception('no system role') }}",
+                                      "{{ undefined_fn() }}", "{% if %}", "   "])
+def test_a_broken_chat_template_raises(smollm, template):
+    with pytest.raises(mullama.ChatTemplateError):
+        smollm.apply_chat_template([("user", "Hi")], chat_template=template)
+
+
+def test_apply_chat_template_shows_tools_and_calls(smollm):
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "id": "c1", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "21 C"}]
+    text = smollm.apply_chat_template(history, chat_template=HERMES, tools=[WEATHER_TOOL])
+    assert '"name": "get_weather"' in text.split("<tools>\n")[1].split("</tools>")[0]
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert "<tool_response>\n21 C\n</tool_response>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_tools_on_a_template_that_cannot_show_them_raise(smollm):
+    with pytest.raises(mullama.ChatTemplateError, match="chat_template"):
+        smollm.apply_chat_template([("user", "Hi")], tools=[WEATHER_TOOL])
+    with pytest.raises(mullama.ChatTemplateError, match="tools"):
+        smollm.apply_chat_template([("user", "Hi")], chat_template=HERMES, tools=[{"type": "function"}])
 
 
 def test_model_without_template_says_so(minilm):

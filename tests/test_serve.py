@@ -321,6 +321,15 @@ def test_bad_input_is_400_naming_the_field(client, http):
     assert _error(http.get("/v1/nowhere"), 404)["code"] == "not_found"
 
 
+def test_tools_on_a_template_that_cannot_express_them_are_400(client):
+    # SmolLM2's own template has no place for tools: llama.cpp's chat layer would drop them.
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=tools,
+                                       tool_choice="required")
+    assert e.value.param == "tools" and "--chat-template" in e.value.message
+
+
 def test_wrong_api_key_is_401(server):
     with openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError):

@@ -15,7 +15,7 @@ def test_mypy_passes_on_public_api_and_examples():
     pytest.importorskip("mypy")
     files = ["mullama/__init__.py", "mullama/aio.py", "mullama/_batching.py", "mullama/_params.py",
              "mullama/_errors.py", "mullama/models.py", "mullama/_llama.pyi", "mullama/server.py", "mullama/__main__.py",
-             "mullama/_cli.py", "mullama/_chat.py", "examples/"]
+             "mullama/_cli.py", "mullama/_chat.py", "mullama/_tools.py", "examples/"]
     proc = subprocess.run([sys.executable, "-m", "mypy", "--no-error-summary", *files], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
