@@ -517,84 +517,10 @@ def _wait_http(url, proc, timeout=120):
     raise RuntimeError(f"{url} did not come up")
 
 
-def _drive(url, body_for, count_tokens, width, n_requests):
-    """The same concurrent client for both servers: width threads, n_requests in all."""
-    import httpx
-
-    done = [0]
-    lock = threading.Lock()
-    todo = list(range(n_requests))
-
-    def worker():
-        with httpx.Client(timeout=600) as client:
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    i = todo.pop()
-                r = client.post(url, json=body_for(i))
-                r.raise_for_status()
-                k = count_tokens(r.json())
-                with lock:
-                    done[0] += k
-
-    t0 = time.perf_counter()
-    ths = [threading.Thread(target=worker) for _ in range(width)]
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
-    return done[0] / (time.perf_counter() - t0)
-
-
-def bench_servers(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128):
-    """The FastAPI example (served by mullama's engine) against llama-server -np 8."""
-    model = mullama.Model.load(model_path, vocab_only=True)
-    prompts = [f"Once upon a time, in a city called Town{i}," for i in range(64)]
-    env = dict(os.environ, MULLAMA_MODEL=str(model_path), MULLAMA_PARALLEL="8", MULLAMA_N_CTX="4096",
-               PYTHONPATH=str(ROOT))
-    mport, sport = _free_port(), _free_port()
-    mine_proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--host", "127.0.0.1",
-                                  "--port", str(mport), "--log-level", "warning"], cwd=ROOT, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    srv = subprocess.Popen([str(tools["llama-server"]), "-m", str(model_path), "-np", "8", "-c", "4096", "-t", str(THREADS),
-                            "--host", "127.0.0.1", "--port", str(sport), "--no-webui"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
-    try:
-        _wait_http(f"http://127.0.0.1:{mport}/health", mine_proc)
-        _wait_http(f"http://127.0.0.1:{sport}/health", srv)
-
-        def mine_body(i):
-            return {"prompt": prompts[i % len(prompts)], "max_tokens": n, "temperature": 0.0}
-
-        def mine_count(js):
-            return n if js["finish_reason"] == "length" else len(model.tokenize(js["text"], add_bos=False))
-
-        def srv_body(i):
-            return {"prompt": prompts[i % len(prompts)], "n_predict": n, "temperature": 0.0, "repeat_penalty": 1.1}
-
-        for width in widths:
-            mine, peer = [], []
-            for _ in range(reps):
-                mine.append(_drive(f"http://127.0.0.1:{mport}/generate", mine_body, mine_count, width, width))
-                peer.append(_drive(f"http://127.0.0.1:{sport}/completion", srv_body, lambda js: js["tokens_predicted"],
-                                   width, width))
-            w = f"HTTP server, {width} clients x {n} tokens (tok/s)"
-            t.add(w, "mullama (FastAPI + Engine)", mine, "tok/s")
-            t.add(w, "llama-server -np 8", peer, "tok/s")
-    finally:
-        for p in (mine_proc, srv):
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    from . import controls, rpc   # they import this module: not at the top
+    from . import controls, rpc, servers   # they import this module: not at the top
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -636,7 +562,7 @@ def main(argv=None):
     if "engine" in only:
         bench_engine(t, model_path, tools, max(1, reps // 2) if args.quick else reps)
     if "servers" in only:
-        bench_servers(t, model_path, tools, max(1, reps // 2) if args.quick else reps)
+        servers.bench_servers(t, model_path, tools, max(1, reps // 2) if args.quick else reps)
     if "rpc" in only:
         rpc.bench_rpc(t, model_path, tools, reps)
     if not args.no_write:
@@ -663,7 +589,7 @@ def write_report(t: Table, started, cmdline):
         ratio = ""
         if mine and not s.startswith("mullama") and median(v) and unit.endswith("/s"):
             ratio = f"{mine / median(v):.2f}"
-        elif mine and not s.startswith("mullama") and median(v) and unit in ("ms", "MiB"):
+        elif mine and not s.startswith(("mullama", "one ")) and median(v) and unit in ("ms", "MiB", "tokens"):
             ratio = f"{median(v) / mine:.2f} (peer/mullama)"
         lines.append(f"| {w} | {s} | {median(v):.2f} | {unit} | {min(v):.2f}-{max(v):.2f} | {ratio} |")
     notes = ROOT / "benchmarks" / "NOTES.md"

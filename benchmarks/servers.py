@@ -1,0 +1,179 @@
+"""`mullama serve` against `llama-server -np 8` over HTTP, each driven by the same streaming
+OpenAI-style client: aggregate tokens/s and time to first token at 1-8 concurrent clients, a
+chat's second turn, and eight chats sharing one system prompt."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from statistics import median
+
+from .run import ROOT, THREADS, Table, _free_port, _wait_http
+
+SLOTS, CTX = 8, 4096          # 512 tokens per request on both servers
+FILLER = ("The river runs through the valley past the old mill, where the miller keeps bees and "
+          "grows apples beside the stone bridge. ")
+
+
+def _stream(client, url: str, body: dict) -> tuple[float, int]:
+    """(seconds to the first text, tokens generated) of one streamed request."""
+    t0 = time.perf_counter()
+    first, tokens, chunks = None, 0, 0
+    with client.stream("POST", url, json=dict(body, stream=True, stream_options={"include_usage": True})) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            js = json.loads(line[6:])
+            choice = (js.get("choices") or [{}])[0]
+            if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                chunks += 1
+                if first is None:
+                    first = time.perf_counter() - t0
+            if js.get("usage"):
+                tokens = js["usage"]["completion_tokens"]
+    return (first if first is not None else float("nan")), tokens or chunks
+
+
+def _together(base: str, bodies: list[dict], path="/v1/completions") -> tuple[float, list[float]]:
+    """All bodies at once, one thread each: (aggregate tokens/s, each request's TTFT in ms)."""
+    import httpx
+
+    out: list[tuple[float, int]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(len(bodies))
+
+    def one(body):
+        with httpx.Client(timeout=600) as client:
+            start.wait()
+            res = _stream(client, base + path, body)
+            with lock:
+                out.append(res)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(b,)) for b in bodies]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return sum(n for _, n in out) / (time.perf_counter() - t0), [ttft * 1000 for ttft, _ in out]
+
+
+def _servers(model_path, tools):
+    mport, sport = _free_port(), _free_port()
+    mine = subprocess.Popen([sys.executable, "-m", "mullama", "serve", "-m", str(model_path), "-np", str(SLOTS),
+                             "-c", str(CTX), "-t", str(THREADS), "--port", str(mport), "--log-level", "warning"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peer = subprocess.Popen([str(tools["llama-server"]), "-m", str(model_path), "-np", str(SLOTS), "-c", str(CTX),
+                             "-t", str(THREADS), "--host", "127.0.0.1", "--port", str(sport), "--no-webui"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    return {"mullama serve": (mine, f"http://127.0.0.1:{mport}"),
+            "llama-server -np 8": (peer, f"http://127.0.0.1:{sport}")}
+
+
+def _widths(t: Table, servers, reps, widths, n):
+    """Throughput and TTFT; the systems take turns within each repetition."""
+    for width in widths:
+        rates: dict = {s: [] for s in servers}
+        ttfts: dict = {s: [] for s in servers}
+        for rep in range(reps):
+            for name, (_, base) in servers.items():
+                bodies = [{"prompt": f"Once upon a time, in a city called Town{rep * 8 + i},", "max_tokens": n,
+                           "temperature": 0.0, "repeat_penalty": 1.0} for i in range(width)]
+                rate, firsts = _together(base, bodies)
+                rates[name].append(rate)
+                ttfts[name].append(median(firsts))
+        for name in servers:
+            t.add(f"HTTP streaming, {width} clients x {n} tokens (tok/s)", name, rates[name], "tok/s")
+        if width == max(widths):
+            for name in servers:
+                t.add(f"HTTP time to first token, {width} clients (ms)", name, ttfts[name], "ms")
+
+
+def _second_turn(t: Table, servers, reps):
+    """A chat of about 400 tokens, then its next turn: TTFT of each."""
+    firsts: dict = {s: [] for s in servers}
+    seconds: dict = {s: [] for s in servers}
+    for rep in range(reps):
+        for name, (_, base) in servers.items():
+            import httpx
+
+            msgs = [{"role": "user", "content": f"Story {rep} {name}. " + FILLER * 14 + "What grows by the bridge?"}]
+            body = {"max_tokens": 16, "temperature": 0.0}
+            with httpx.Client(timeout=600) as client:
+                ttft1, _ = _stream(client, base + "/v1/chat/completions", dict(body, messages=msgs))
+                reply = client.post(base + "/v1/chat/completions", json=dict(body, messages=msgs)).json()
+                msgs = msgs + [reply["choices"][0]["message"], {"role": "user", "content": "And who keeps the bees?"}]
+                ttft2, _ = _stream(client, base + "/v1/chat/completions", dict(body, messages=msgs))
+            firsts[name].append(ttft1 * 1000)
+            seconds[name].append(ttft2 * 1000)
+    for name in servers:
+        t.add("HTTP chat, first turn of ~400 tokens, TTFT (ms)", name, firsts[name], "ms")
+    for name in servers:
+        t.add("HTTP chat, its second turn, TTFT (ms)", name, seconds[name], "ms")
+
+
+def _prompt_decoded(base: str, replies: list[dict]) -> float:
+    import httpx
+
+    if "timings" in replies[0]:   # llama-server says per request
+        return float(sum(r["timings"]["prompt_n"] for r in replies))
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith("mullama_prompt_tokens_decoded_total "):
+            return float(line.split()[1])
+    raise RuntimeError("no prompt token count")
+
+
+def _shared_system(t: Table, servers, reps):
+    """Eight chats at once with one ~400-token system prompt: prompt tokens each server decodes."""
+    import httpx
+
+    decoded: dict = {s: [] for s in servers}
+    one: list[float] = []
+    for rep in range(reps):
+        system = f"Session {rep}. " + FILLER * 14
+        for name, (_, base) in servers.items():
+            before = _prompt_decoded(base, [{}]) if name == "mullama serve" else 0.0
+            replies: list = [None] * 8
+
+            def ask(i, base=base, replies=replies, system=system):
+                body = {"max_tokens": 4, "temperature": 0.0,
+                        "messages": [{"role": "system", "content": system},
+                                     {"role": "user", "content": f"Tell me about river {i}."}]}
+                replies[i] = httpx.post(base + "/v1/chat/completions", json=body, timeout=600).json()
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            decoded[name].append(_prompt_decoded(base, replies) - before)
+            one.append(replies[0]["usage"]["prompt_tokens"])
+    t.add("8 chats sharing a system prompt: prompt tokens decoded", "one chat's prompt", one, "tokens")
+    for name in servers:
+        t.add("8 chats sharing a system prompt: prompt tokens decoded", name, decoded[name], "tokens")
+
+
+def bench_servers(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128):
+    servers = _servers(model_path, tools)
+    try:
+        for name, (proc, base) in servers.items():
+            _wait_http(base + "/health", proc)
+        for _, base in servers.values():   # the same warm-up for both
+            import httpx
+
+            httpx.post(base + "/v1/completions", json={"prompt": "Hello", "max_tokens": 8, "temperature": 0.0},
+                       timeout=600).raise_for_status()
+        _widths(t, servers, reps, widths, n)
+        _second_turn(t, servers, reps)
+        _shared_system(t, servers, reps)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
