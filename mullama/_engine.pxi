@@ -406,9 +406,9 @@ cdef class Engine:
             i = self._pick_slot(req.tokens)
             held, self.cached[i] = self.cached[i], []
             self._start_slot(i, req)
-            if req.saved is not None and _common_prefix(held, req.tokens) < len(req.saved.tokens):
+            if req.saved is not None and not REUSE_MIN <= len(req.saved.tokens) <= _common_prefix(held, req.tokens):
                 self._restore_slot(i, req)
-            else:   # the slot's own cache holds at least as much as the state
+            else:   # no state, or the slot's own cache holds at least as much as it
                 req.saved = None
                 self._reuse_prefix(i, req, held)
 

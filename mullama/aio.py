@@ -28,9 +28,11 @@ import sniffio
 from ._errors import ContextBusyError, GenerationCancelled, InvalidArgumentError, WrongEventLoopError
 from ._batching import EngineRequest, PieceBuffer, RequestView, checked_prompt
 from ._completion import Completion, TokenLogprob, Usage, completion_of, read_until_cancelled
-from ._llama import Context, EmbeddingGenerator, Engine, LoraAdapter, Model, TokenStream, _yield_to_waking_threads
+from ._llama import (Context, EmbeddingGenerator, Engine, LoraAdapter, Model, Reranker, TokenStream,
+                     _yield_to_waking_threads)
 
-__all__ = ["load_model", "AsyncContext", "AsyncTokenStream", "AsyncEmbeddingGenerator", "AsyncEngine", "AsyncEngineStream"]
+__all__ = ["load_model", "AsyncContext", "AsyncTokenStream", "AsyncEmbeddingGenerator", "AsyncReranker", "AsyncEngine",
+           "AsyncEngineStream"]
 
 T = TypeVar("T")
 
@@ -539,53 +541,82 @@ class AsyncContext(_LoopBound):
         await self.aclose()
 
 
-class AsyncEmbeddingGenerator(_LoopBound):
+class _AsyncPooled(_LoopBound):
+    """What AsyncEmbeddingGenerator and AsyncReranker share: one sync object, called in a
+    worker thread in arrival order."""
+
+    _sync: EmbeddingGenerator | Reranker
+
+    def __init__(self) -> None:
+        self._gate = _Turnstile()
+
+    @property
+    def model(self) -> Model:
+        return self._sync.model
+
+    @property
+    def closed(self) -> bool:
+        return self._sync.closed
+
+    def cancel(self) -> None:
+        """Stop the batch running now (it raises GenerationCancelled)."""
+        self._sync.cancel()
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        self._bind_loop()
+        async with self._gate:
+            return await _run_in_thread(fn, self._sync.cancel)
+
+    async def aclose(self) -> None:
+        self._bind_loop()
+        async with self._gate:
+            self._sync.close()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AsyncEmbeddingGenerator(_AsyncPooled):
     """The async twin of :class:`mullama.EmbeddingGenerator`."""
 
     def __init__(self, model: Model, n_ctx: int = 512, normalize: bool = True, *, n_threads: int = 0,
                  n_seq_max: int = 64, flash_attn: bool | None = None) -> None:
-        self.generator = EmbeddingGenerator(model, n_ctx, normalize, n_threads=n_threads, n_seq_max=n_seq_max,
-                                            flash_attn=flash_attn)
-        self._gate = _Turnstile()
+        super().__init__()
+        self.generator = self._sync = EmbeddingGenerator(model, n_ctx, normalize, n_threads=n_threads,
+                                                         n_seq_max=n_seq_max, flash_attn=flash_attn)
 
     @property
     def n_embd(self) -> int:
         return self.generator.n_embd
 
     @property
-    def model(self) -> Model:
-        return self.generator.model
-
-    @property
     def normalize(self) -> bool:
         return self.generator.normalize
-
-    @property
-    def closed(self) -> bool:
-        return self.generator.closed
-
-    def cancel(self) -> None:
-        """Stop the embed_batch running now (it raises GenerationCancelled)."""
-        self.generator.cancel()
 
     async def embed(self, text: str) -> Any:
         return (await self.embed_batch([text]))[0]
 
     async def embed_batch(self, texts: Sequence[str]) -> Any:
-        self._bind_loop()
-        async with self._gate:
-            return await _run_in_thread(lambda: self.generator.embed_batch(texts), self.generator.cancel)
-
-    async def aclose(self) -> None:
-        self._bind_loop()
-        async with self._gate:
-            self.generator.close()
+        return await self._call(lambda: self.generator.embed_batch(texts))
 
     async def __aenter__(self) -> AsyncEmbeddingGenerator:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+
+class AsyncReranker(_AsyncPooled):
+    """The async twin of :class:`mullama.Reranker`."""
+
+    def __init__(self, model: Model, n_ctx: int = 512, *, n_threads: int = 0, n_seq_max: int = 64,
+                 flash_attn: bool | None = None) -> None:
+        super().__init__()
+        self.reranker = self._sync = Reranker(model, n_ctx, n_threads=n_threads, n_seq_max=n_seq_max,
+                                              flash_attn=flash_attn)
+
+    async def rank(self, query: str, documents: Sequence[str]) -> list[float]:
+        return await self._call(lambda: self.reranker.rank(query, documents))
+
+    async def __aenter__(self) -> AsyncReranker:
+        return self
 
 
 class AsyncEngineStream(RequestView):

@@ -102,7 +102,7 @@ def test_readme_sync_async_table_matches_both_modules():
         if "." in asyn:
             (sc, sn), (ac, an) = sync.split("."), asyn.split(".")
             classes.setdefault((sc, ac), []).append((sn, an))
-    assert len(classes) == 5
+    assert len(classes) == 6
     for (sc, ac), names in classes.items():
         sync_cls, async_cls = getattr(mullama, sc), getattr(mullama.aio, ac)
         assert {s for s, _ in names} == _public(sync_cls), f"{sc}: README and dir() differ"

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -53,15 +55,22 @@ def _stop(proc: subprocess.Popen) -> None:
         raise AssertionError("mullama serve did not exit within 20 s of SIGTERM")
 
 
-@pytest.fixture(scope="module")
-def server(smollm_path, minilm_path):
-    proc, base = _start(["-m", str(smollm_path), "--embedding-model", str(minilm_path), "--alias", MODEL,
-                         "--parallel", "8", "--ctx-size", "8192", *THREADS])
+@contextlib.contextmanager
+def served(args: list[str]) -> Iterator[str]:
+    """A running `mullama serve` with args, stopped at the end; its log must be clean."""
+    proc, base = _start(args)
     yield base
     _stop(proc)
     log = proc.stdout.read().decode()
     # uvicorn drains, then ends the process with the signal it got, as a program killed by it.
     assert proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in log, log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def server(smollm_path, minilm_path):
+    with served(["-m", str(smollm_path), "--embedding-model", str(minilm_path), "--alias", MODEL,
+                 "--parallel", "8", "--ctx-size", "8192", *THREADS]) as base:
+        yield base
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import httpx
 import jsonschema
 import pytest
 
-from test_serve import KEY, ROOT, THREADS, _error, _start, _stop
+from test_serve import KEY, ROOT, THREADS, _error, served
 
 openai = pytest.importorskip("openai")
 
@@ -37,12 +36,9 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def server(smollm_path):
-    proc, base = _start(["-m", str(smollm_path), "--alias", MODEL, "--chat-template", TEMPLATE,
-                         "--parallel", "2", "--ctx-size", "4096", *THREADS])
-    yield base
-    _stop(proc)
-    log = proc.stdout.read().decode()
-    assert proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in log, log[-3000:]
+    with served(["-m", str(smollm_path), "--alias", MODEL, "--chat-template", TEMPLATE,
+                 "--parallel", "2", "--ctx-size", "4096", *THREADS]) as base:
+        yield base
 
 
 @pytest.fixture
