@@ -81,7 +81,8 @@ def _widths(t: Table, servers, reps, widths, n):
         ttfts: dict = {s: [] for s in servers}
         for rep in range(reps):
             for name, (_, base) in servers.items():
-                bodies = [{"prompt": f"Once upon a time, in a city called Town{rep * 8 + i},", "max_tokens": n,
+                # Prompts differ from their first token: no server reuses a cached prefix here.
+                bodies = [{"prompt": f"{rep * 8 + i + 1}. Once upon a time, in a city called Town,", "max_tokens": n,
                            "temperature": 0.0, "repeat_penalty": 1.0} for i in range(width)]
                 rate, firsts = _together(base, bodies)
                 rates[name].append(rate)
@@ -103,11 +104,15 @@ def _second_turn(t: Table, servers, reps):
 
             msgs = [{"role": "user", "content": f"Story {rep} {name}. " + FILLER * 14 + "What grows by the bridge?"}]
             body = {"max_tokens": 16, "temperature": 0.0}
+            url = base + "/v1/chat/completions"
+            # A connection per request: reusing one after a stream once met a closed connection
+            # (which server closed it was not recorded); both pay the same loopback connect.
             with httpx.Client(timeout=600) as client:
-                ttft1, _ = _stream(client, base + "/v1/chat/completions", dict(body, messages=msgs))
-                reply = client.post(base + "/v1/chat/completions", json=dict(body, messages=msgs)).json()
-                msgs = msgs + [reply["choices"][0]["message"], {"role": "user", "content": "And who keeps the bees?"}]
-                ttft2, _ = _stream(client, base + "/v1/chat/completions", dict(body, messages=msgs))
+                ttft1, _ = _stream(client, url, dict(body, messages=msgs))
+            reply = httpx.post(url, json=dict(body, messages=msgs), timeout=600).json()
+            msgs = msgs + [reply["choices"][0]["message"], {"role": "user", "content": "And who keeps the bees?"}]
+            with httpx.Client(timeout=600) as client:
+                ttft2, _ = _stream(client, url, dict(body, messages=msgs))
             firsts[name].append(ttft1 * 1000)
             seconds[name].append(ttft2 * 1000)
     for name in servers:
