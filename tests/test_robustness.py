@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import random
 import subprocess
@@ -276,10 +277,16 @@ def _leak_run(cycles, one, warmup=20):
 
 
 def test_the_leak_measure_sees_a_leak():
-    # 512 kB a cycle, written: more than the freed memory this process still holds, which small
-    # allocations would reuse without growing RSS.
+    # 512 kB a cycle of fresh anonymous memory, written: heap allocations would reuse memory this
+    # process freed earlier (a full run holds a lot) without growing RSS.
     kept = []
-    slope, _ = _leak_run(200, lambda i: kept.append(bytes([i % 256]) * (512 << 10)))
+
+    def leak(i):
+        m = mmap.mmap(-1, 512 << 10)
+        m.write(bytes([i % 255 + 1]) * (512 << 10))
+        kept.append(m)
+
+    slope, _ = _leak_run(200, leak)
     assert 400_000 < slope < 700_000
 
 
