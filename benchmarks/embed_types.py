@@ -4,7 +4,7 @@
 
 For each type: the file size, the least and mean cosine to sentence-transformers' vectors of the
 eight reference sentences (tests/data), and embed_batch throughput over the same mixed-length
-texts as ``python -m benchmarks`` (median of --reps runs, flash attention off as there).
+texts as ``python -m benchmarks`` (median of --reps runs, flash attention on as there unless --flash-attn off).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--flash-attn", choices=("on", "off"), default="on")
     args = ap.parse_args()
     ref = json.loads((ROOT / "tests" / "data" / "all-MiniLM-L6-v2.reference.json").read_text())
     texts = _sentences(args.n)
@@ -36,7 +37,7 @@ def main() -> None:
         gens, rows = {}, {}
         for outtype in ("f32", "f16", "q8_0"):
             path = mullama.models.convert(folder, outtype=outtype, out=Path(tmp) / f"{outtype}.gguf")
-            gen = mullama.EmbeddingGenerator(mullama.Model.load(path), n_threads=args.threads, flash_attn=False)
+            gen = mullama.EmbeddingGenerator(mullama.Model.load(path), n_threads=args.threads, flash_attn=args.flash_attn == "on")
             vecs = gen.embed_batch(ref["sentences"])
             cos = [mullama.cosine_similarity(v, r) for v, r in zip(vecs, ref["embeddings"], strict=True)]
             gen.embed_batch(texts[:16])

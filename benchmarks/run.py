@@ -268,8 +268,9 @@ def bench_embed(t: Table, lcp_py, reps, n, st_py=None):
     texts = _sentences(n)
     model = mullama.Model.load(path)
     batch, single, other, st = [], [], [], []
-    # llama-cpp-python 0.3.36 turns flash attention off by default: both run without it here.
-    with mullama.EmbeddingGenerator(model, n_threads=THREADS, flash_attn=False) as gen:
+    # Flash attention on for both llama.cpp systems (mullama's default; llama-cpp-python 0.3.36
+    # needs it asked for): its CPU kernel skips the masked cells between the texts of one decode.
+    with mullama.EmbeddingGenerator(model, n_threads=THREADS, flash_attn=True) as gen:
         gen.embed_batch(texts[:16])
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -281,7 +282,7 @@ def bench_embed(t: Table, lcp_py, reps, n, st_py=None):
             single.append(n / (time.perf_counter() - t0))
             if lcp_py:
                 other.append(lcp(lcp_py, {"kind": "embed", "model": str(path), "threads": THREADS, "texts": texts,
-                                          "flash_attn": False})["texts_per_s"])
+                                          "flash_attn": True})["texts_per_s"])
             if st_py:
                 st.append(sentence_transformers(st_py, texts))
     w = f"embeddings, {n} texts (texts/s)"
