@@ -35,6 +35,7 @@ from ._errors import (
     ModelLoadError,
     ModelNotFoundError,
     MullamaError,
+    RPCServerLostError,
     StateError,
     AdapterError,
     decode_failure,
@@ -57,6 +58,12 @@ cdef extern from "_support.h" nogil:
     void mullama_logits_used(float * row)
     void mullama_set_decode_aborted(int v)
     int mullama_set_thread_slice(uint64_t ns)
+
+
+cdef extern from "_rpc_watch.h" nogil:
+    int mullama_rpc_lost()
+    void mullama_rpc_park_if_lost(const char * message)
+    int mullama_decode_watched(llama_context * ctx, llama_batch batch, int * rc)
 
 
 from cpython.exc cimport PyErr_CheckSignals
@@ -131,8 +138,10 @@ llama_log_set(_log_callback, NULL)
 
 
 cdef void _on_ggml_abort(const char * message) noexcept nogil:
-    # ggml is about to end the process (one of its own checks failed, or an RPC server went
-    # away mid-computation): say so in one line rather than through a debugger's backtrace.
+    # An RPC server lost during a watched decode parks this thread instead (_rpc_watch.h).
+    mullama_rpc_park_if_lost(message)
+    # ggml is about to end the process (one of its own checks failed): say so in one line
+    # rather than through a debugger's backtrace.
     fprintf(stderr, b"mullama: llama.cpp ended the process: %s\n", message)
     fflush(stderr)
 

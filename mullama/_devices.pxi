@@ -6,6 +6,10 @@
 import socket as _socket
 
 RPC_CONNECT_TIMEOUT = 5.0    # seconds an RPC endpoint may take to accept a connection
+_RPC_LOST_EARLIER = (
+    "an RPC server stopped answering earlier in this process; llama.cpp's RPC client cannot "
+    "reconnect, so models on RPC servers cannot be loaded or used again until the process restarts"
+)
 
 
 _DEVICE_TYPES = {GGML_BACKEND_DEVICE_TYPE_CPU: "cpu", GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",

@@ -258,6 +258,8 @@ cdef class Engine:
         :class:`EngineRequest` at once; read it with ``EngineStream(request, engine)`` or
         ``mullama.aio.AsyncEngineStream``. Everything is checked here, before it is queued.
         :meth:`stream` and :meth:`complete` are the usual ways in."""
+        if self.core.lost():
+            raise self.core.failure(DECODE_RPC_LOST, "this Engine")
         if self.closing:
             raise ClosedError("this Engine is closed")
         # buffer=0 would pause the request for good: its consumer waits for a piece that the
@@ -365,6 +367,9 @@ cdef class Engine:
         cdef int n_batch = self.core.n_batch
         self.core.arm_for_thread()   # this thread polls no signals: only the main thread gets them
         while not self.closing:
+            if self.core.lost():   # lost by another context of its servers: touch nothing
+                self._lose_all()
+                return False
             self.kick.clear()   # before looking for work: a later set() wakes the thread's wait
             self._advance_followers()   # first: a new request may take a leader's freed slot
             self._admit()
@@ -378,6 +383,9 @@ cdef class Engine:
             with nogil:
                 rc = _engine_step(st, vocab, self.slots, self.n_slots, self.prompts, n_batch, self.prompt_chunk, self._n_ctx_seq, &decoded)
             self._steps += 1
+            if decoded == DECODE_RPC_LOST:
+                self._lose_all()
+                return False
             if decoded != DECODED:
                 self._fail_batch(decoded)
                 decoded = DECODED
@@ -595,6 +603,21 @@ cdef class Engine:
                 s.ctl.text.erase(0, n)
         self._generated_total += produced
         self._done_times.append((_time.monotonic(), produced))
+
+    cdef void _lose_all(self):
+        """The model's RPC servers are lost: every request ends with the error, new ones are
+        refused, and nothing touches the context again (not even to clear a sequence)."""
+        error = self.core.failure(DECODE_RPC_LOST, "decoding an engine batch")
+        with self.qlock:
+            self.closing = True
+            left = list(self.waiting)
+            self.waiting.clear()
+        for i in range(self.n_slots):
+            r, self.requests[i] = self.requests[i], None
+            if r is not None:
+                r.finish(None, error)
+        for r in left:
+            r.finish(None, error)
 
     cdef void _fail_batch(self, Decoded decoded):
         cdef int i

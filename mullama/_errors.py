@@ -14,6 +14,7 @@ exception fits, the class derives from it too, so ``except FileNotFoundError`` k
      |    +-- ContextOverflowError      a prompt or text longer than the context can hold
      |    +-- GrammarError              a GBNF grammar or JSON schema that cannot be used
      +-- DecodeError                    llama_decode failed (no cache slot, backend failure)
+     |    +-- RPCServerLostError        an RPC server holding layers stopped answering
      +-- EmbeddingsDisabledError        (also RuntimeError): embeddings on a context without them
      +-- ClosedError                    (also RuntimeError): the object was closed
      +-- ContextBusyError               (also RuntimeError): a stream still owns the context, or
@@ -44,6 +45,7 @@ __all__ = [
     "ContextOverflowError",
     "GrammarError",
     "DecodeError",
+    "RPCServerLostError",
     "EmbeddingsDisabledError",
     "ClosedError",
     "ContextBusyError",
@@ -106,6 +108,13 @@ class DecodeError(MullamaError):
         self.code = code
 
 
+class RPCServerLostError(DecodeError):
+    """An RPC server holding some of the model's layers stopped answering mid-computation.
+
+    The generation ends with this error and the process goes on, but llama.cpp's RPC client
+    cannot reconnect: models on RPC servers cannot be used or loaded again in this process."""
+
+
 class EmbeddingsDisabledError(MullamaError, RuntimeError):
     """Embeddings were requested from a context created without ``embeddings=True``."""
 
@@ -156,6 +165,11 @@ _DECODE_FAILURES = {
         "files by rename, or load with use_mmap=False where they are rewritten in place",
     ),
     "failed": (DecodeError, "the backend failed to compute the batch"),
+    "rpc_lost": (
+        RPCServerLostError,
+        "an RPC server holding layers of this model stopped answering; llama.cpp's RPC client "
+        "cannot reconnect, so models on RPC servers cannot be used again until the process restarts",
+    ),
 }
 
 
@@ -163,7 +177,7 @@ def decode_failure(kind: str, code: int, what: str) -> MullamaError:
     """The exception for a failed decode of kind (a key of the table above); code is
     llama_decode's own result, named in the message."""
     cls, why = _DECODE_FAILURES[kind]
-    if kind == "file_changed":
+    if kind in ("file_changed", "rpc_lost"):
         return cls(f"{what}: {why}")
     if cls is DecodeError:
         return DecodeError(f"{what}: llama_decode returned {code}: {why}", code)

@@ -91,6 +91,7 @@ cdef class Model:
     cdef bint _vocab_only       # loaded without weights: no Context can compute with it
     cdef mullama_file_guard guard   # the mapped file as loaded; checked before every decode
     cdef object _chat           # its _ChatTemplates, made at the first use
+    cdef bint _rpc              # some layers are on RPC servers (their loss ends its use)
 
     def __cinit__(self):
         self.ptr = NULL
@@ -114,8 +115,9 @@ cdef class Model:
         ``rpc=["host:port", ...]`` spreads the offloaded layers over ``mullama rpc-server``
         processes (llama.cpp's RPC backend), in proportion to the memory each reports, ahead of
         this machine's own GPUs. An endpoint that does not accept a connection within 5
-        seconds raises ModelLoadError naming it. llama.cpp's RPC client
-        ends the process if a server dies while in use: see the README, "Scaling out".
+        seconds raises ModelLoadError naming it. A server that dies while in use ends the
+        generation with RPCServerLostError; llama.cpp's client cannot reconnect, so models on
+        RPC servers cannot be used or loaded again in this process (README, "Scaling out").
 
         ``progress``, if given, is called with the fraction of the weights loaded so far (0.0 to
         1.0, ending with 1.0) from the loading thread; an exception it raises stops the load
@@ -166,6 +168,8 @@ cdef class Model:
         params.n_gpu_layers = n_gpu_layers
         cdef vector[ggml_backend_dev_t] devices
         if rpc is not None:
+            if mullama_rpc_lost():
+                raise ModelLoadError(_RPC_LOST_EARLIER)
             _rpc_devices(_rpc_endpoints(rpc), devices)
             params.devices = devices.data()
         cdef list progress_state = [progress, None]   # the callable, then what it raised
@@ -217,6 +221,7 @@ cdef class Model:
             model.guard.mtime_ns = st.st_mtime_ns
         model.ptr = ptr
         model._vocab_only = vocab_only
+        model._rpc = rpc is not None
         model.vocab = llama_model_get_vocab(ptr)
         model._n_vocab = llama_vocab_n_tokens(model.vocab)
         model.path = fspath
@@ -242,10 +247,16 @@ cdef class Model:
 
     cdef void _free_if_unused(self):
         if self._close_requested and self._users == 0 and self.ptr != NULL:
+            self._free_native()
+
+    cdef void _free_native(self):
+        # The weights of a model whose RPC servers were lost stay: freeing their remote
+        # buffers would wait for good on the lost connection (_rpc_watch.h).
+        if not (self._rpc and mullama_rpc_lost()):
             llama_model_free(self.ptr)
-            self.ptr = NULL
-            self.vocab = NULL
-            self._close_guard()
+        self.ptr = NULL
+        self.vocab = NULL
+        self._close_guard()
 
     cdef void _close_guard(self) noexcept:
         if self.guard.fd >= 0:
@@ -261,8 +272,7 @@ cdef class Model:
 
     def __dealloc__(self):
         if self.ptr != NULL:
-            llama_model_free(self.ptr)
-            self.ptr = NULL
+            self._free_native()
         self._close_guard()
 
     def __enter__(self):

@@ -11,10 +11,12 @@ cdef enum Decoded:
     DECODE_INVALID = 103        # a batch llama.cpp refused (llama_decode: -1)
     DECODE_FILE_CHANGED = 104   # the mapped model file changed: nothing was decoded
     DECODE_FAILED = 105         # any other failure of the backend
+    DECODE_RPC_LOST = 106       # an RPC server went away: the model's devices are lost
 
 # The names _errors.decode_failure knows them by.
 _DECODE_FAILURES = {DECODE_NO_SLOT: "no_slot", DECODE_INVALID: "invalid",
-                    DECODE_FILE_CHANGED: "file_changed", DECODE_FAILED: "failed"}
+                    DECODE_FILE_CHANGED: "file_changed", DECODE_FAILED: "failed",
+                    DECODE_RPC_LOST: "rpc_lost"}
 
 
 cdef struct NativeState:
@@ -23,6 +25,7 @@ cdef struct NativeState:
     Interrupt interrupt
     const mullama_file_guard * guard
     int rc                      # llama_decode's result of the last decode
+    bint watched                # the model runs on RPC servers: decode through _rpc_watch.h
 
 
 cdef inline void _batch_put(NativeState * st, int i, llama_token tok, llama_pos pos, llama_seq_id seq,
@@ -41,7 +44,11 @@ cdef Decoded _native_decode(NativeState * st, int n) noexcept nogil:
     st.rc = 0
     if mullama_file_changed(st.guard):
         return DECODE_FILE_CHANGED
-    st.rc = llama_decode(st.ctx, st.batch)
+    if st.watched:
+        if mullama_decode_watched(st.ctx, st.batch, &st.rc) != 0:
+            return DECODE_RPC_LOST
+    else:
+        st.rc = llama_decode(st.ctx, st.batch)
     mullama_set_decode_aborted(0)
     if st.rc == 0:
         return DECODED
@@ -102,6 +109,7 @@ cdef class _NativeContext:
                 + "; try a smaller n_ctx or n_batch"
             )
         c.st.ctx = ptr
+        c.st.watched = model._rpc
         c.st.guard = &model.guard
         c.model = model
         model._acquire()
@@ -241,10 +249,24 @@ cdef class _NativeContext:
     cdef int check(self) except -1:
         if self.st.ctx == NULL:
             raise ClosedError("this context is closed")
+        if self.lost():
+            raise self.failure(DECODE_RPC_LOST, "this context")
         return 0
+
+    cdef bint lost(self):
+        """Its model's RPC devices are lost: nothing may touch its native state again."""
+        return self.st.watched and mullama_rpc_lost()
 
     cdef void free(self):
         cdef LoraAdapter a
+        if self.lost():
+            # A helper thread may still wait inside this context and read its batch; freeing
+            # either would ask the lost servers: both stay, as the model does.
+            if self.st.ctx != NULL:
+                self.st.ctx = NULL
+                self.model._release()
+            self.batch_ready = False
+            return
         if self.st.ctx != NULL:
             for a, _ in self.adapters:
                 a._users -= 1
@@ -265,6 +287,8 @@ cdef llama_context_params _context_params(Model model, object n_ctx, object n_ba
                                           object pooling) except *:
     """The llama_context_params for these settings, each checked by name."""
     model._check()
+    if model._rpc and mullama_rpc_lost():
+        raise RPCServerLostError(_RPC_LOST_EARLIER)
     if model._vocab_only:
         raise InvalidArgumentError(
             f"model {model.path!r} was loaded with vocab_only=True: it has no weights to compute "

@@ -42,7 +42,14 @@ from starlette.routing import Route
 
 from ._completion import Completion, TokenLogprob
 from . import _tools
-from ._errors import ChatTemplateError, ContextOverflowError, GrammarError, InvalidArgumentError, MullamaError
+from ._errors import (
+    ChatTemplateError,
+    ContextOverflowError,
+    GrammarError,
+    InvalidArgumentError,
+    MullamaError,
+    RPCServerLostError,
+)
 from ._llama import Model, _ChatTemplates
 from ._params import MAX_STOP_LENGTH, MAX_STOPS, SamplerParams
 from ._prompt_cache import PromptCache
@@ -97,6 +104,9 @@ def _from_mullama(exc: MullamaError, param: str | None = None) -> APIError:
         return APIError(400, str(exc), param=param, code="invalid_grammar")
     if isinstance(exc, (InvalidArgumentError, ChatTemplateError)):
         return APIError(400, str(exc), param=param)
+    if isinstance(exc, RPCServerLostError):   # for good: a balancer should try another replica
+        log.error("an RPC server was lost: %s", exc)
+        return APIError(503, str(exc), code="rpc_server_lost")
     log.error("request failed: %s: %s", type(exc).__name__, exc)   # the engine's fault, not the input's
     return APIError(500, f"{type(exc).__name__}: {exc}")
 

@@ -3,6 +3,7 @@ model loaded with Model.load(path, rpc=[...]); its greedy output equals the loca
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -98,3 +99,89 @@ def test_rpc_server_on_a_taken_port_exits_1_with_one_line():
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], out.stderr
+
+
+# A process whose model loses one of its two RPC servers mid-generation: the generation raises
+# RPCServerLostError, later use of the model raises it too, a local model still works, and the
+# process ends normally (llama.cpp's own client would abort it). It runs in a child process
+# because the loss is for good: this process's RPC tests could not load a model after it.
+LOSS_SCRIPT = r"""
+import json, subprocess, sys, threading, time
+sys.path.insert(0, sys.argv[3])
+import mullama
+from test_rpc import start_rpc_server, wait_listening
+from conftest import free_port
+
+path, kind = sys.argv[1], sys.argv[2]
+ports = [free_port(), free_port()]
+servers = [start_rpc_server(p) for p in ports]
+for s, p in zip(servers, ports):
+    wait_listening(s, p)
+model = mullama.Model.load(path, rpc=[f"127.0.0.1:{p}" for p in ports])
+greedy = mullama.sampler_params_greedy()
+out = {}
+
+def read(stream, kill_after=None):
+    n = 0
+    try:
+        for _ in stream:
+            n += 1
+            if n == kill_after:
+                servers[1].kill()
+                servers[1].wait()
+        return f"finished after {n}"
+    except mullama.MullamaError as exc:
+        return f"{type(exc).__name__} after {n}"
+
+if kind == "context":
+    ctx = mullama.Context(model, n_ctx=512)
+    out["stream"] = [read(ctx.generate_stream("Once upon a time", 200, greedy), kill_after=3)]
+    later = [lambda: ctx.generate("Hi", 4, greedy), lambda: mullama.Context(model, n_ctx=256)]
+    close = ctx.close
+else:
+    engine = mullama.Engine(model, n_ctx=1024, n_parallel=2)
+    other = engine.stream("The weather today", 200, greedy)
+    results = []
+    t = threading.Thread(target=lambda: results.append(read(other)))
+    t.start()
+    first = read(engine.stream("Once upon a time", 200, greedy), kill_after=3)
+    t.join(60)
+    out["stream"] = [first] + results
+    later = [lambda: engine.submit("Hi", 4, greedy)]
+    close = engine.close
+out["later"] = []
+for call in later:
+    try:
+        call()
+        out["later"].append("no error")
+    except mullama.MullamaError as exc:
+        out["later"].append(type(exc).__name__)
+try:
+    mullama.Model.load(path, rpc=[f"127.0.0.1:{ports[0]}"])
+except mullama.ModelLoadError as exc:
+    out["reload"] = str(exc)
+close()
+model.close()
+with mullama.Context(mullama.Model.load(path), n_ctx=256) as local:
+    out["local"] = local.generate("The capital of France is", 8, greedy)
+servers[0].terminate()
+servers[0].wait()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("kind", ["context", "engine"])
+def test_a_server_killed_mid_generation_ends_it_with_an_error(smollm_path, smollm, greedy, kind):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", LOSS_SCRIPT, str(smollm_path), kind, tests],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["stream"] and all(s.startswith("RPCServerLostError after") for s in out["stream"]), out
+    if kind == "context":   # its stream decodes as it is read: nothing was made ahead
+        assert out["stream"][0] == "RPCServerLostError after 3", out
+    assert out["later"] and all(x == "RPCServerLostError" for x in out["later"]), out
+    assert "stopped answering earlier in this process" in out["reload"], out
+    with mullama.Context(smollm, n_ctx=256) as local:
+        assert out["local"] == local.generate("The capital of France is", 8, greedy)
+    assert "ended the process" not in proc.stderr
