@@ -293,8 +293,10 @@ def transport_link_args(build_dir: Path) -> list[str]:
 
 
 def _include_dirs(source: Path) -> list[Path]:
-    # src/ for llama-grammar.h: the grammar parser, run on its own to report parse errors.
-    return [source / "include", source / "ggml" / "include", source / "common", source / "src"]
+    # src/ for llama-grammar.h: the grammar parser, run on its own to report parse errors;
+    # ggml/src/ for ggml-backend-impl.h: a device that reports a memory size of the user's.
+    return [source / "include", source / "ggml" / "include", source / "common", source / "src",
+            source / "ggml" / "src"]
 
 
 def ensure_built(settings: Settings | None = None) -> BuiltLlama:

@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     rpc.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     rpc.add_argument("--port", "-p", type=int, default=50052)
     rpc.add_argument("--threads", "-t", type=int, default=0, help="CPU threads (default: the cores available)")
+    rpc.add_argument("--mem", type=int, default=None, metavar="MiB",
+                     help="memory to report to clients (default: the device's own); they give each "
+                          "server layers in proportion to it")
     rpc.add_argument("--cache", default=None, metavar="DIR",
                      help="keep large tensors in DIR between runs, so clients send them once")
     return parser
@@ -188,7 +191,7 @@ def _rpc_server(args: argparse.Namespace) -> int:
     # The server loop runs in C and never returns to Python: Ctrl-C and SIGTERM end the process.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    mullama.rpc_serve(args.host, args.port, n_threads=args.threads, cache_dir=args.cache)
+    mullama.rpc_serve(args.host, args.port, n_threads=args.threads, cache_dir=args.cache, mem=args.mem)
     return 0
 
 

@@ -5,6 +5,10 @@
 
 import socket as _socket
 
+cdef extern from "_capped_device.h" nogil:
+    ggml_backend_dev_t mullama_capped_device_new(ggml_backend_dev_t inner, size_t bytes)
+
+
 RPC_CONNECT_TIMEOUT = 5.0    # seconds an RPC endpoint may take to accept a connection
 _RPC_LOST_EARLIER = (
     "an RPC server stopped answering earlier in this process; llama.cpp's RPC client cannot "
@@ -105,19 +109,27 @@ cdef int _rpc_devices(list endpoints, vector[ggml_backend_dev_t] & out) except -
     return 0
 
 
-def rpc_serve(host="127.0.0.1", port=50052, *, n_threads=0, cache_dir=None):
+def rpc_serve(host="127.0.0.1", port=50052, *, n_threads=0, cache_dir=None, mem=None):
     """Serve this machine's compute (its GPUs, else its CPU) to llama.cpp RPC clients, such
     as ``Model.load(path, rpc=["host:port"])`` on another machine. Blocks for good; returns
     only by raising MullamaError when it cannot start (the port is taken, say).
 
     The protocol has no authentication or encryption: bind a private address only.
-    ``cache_dir`` lets the server keep large tensors between runs (llama.cpp's ``-c``)."""
+    ``cache_dir`` lets the server keep large tensors between runs (llama.cpp's ``-c``).
+    ``mem`` (MiB) is the memory each device reports instead of its own: clients give
+    servers layers in proportion to it."""
     _parse_endpoint(f"{host}:{port}")
     _check_int(n_threads, "n_threads", 0, 1024)
+    if mem is not None:
+        _check_int(mem, "mem", 1, 1 << 30)
     cdef vector[ggml_backend_dev_t] devs
     _local_gpus(devs)
     if devs.size() == 0:
         devs.push_back(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU))
+    cdef size_t i
+    if mem is not None:
+        for i in range(devs.size()):
+            devs[i] = mullama_capped_device_new(devs[i], <size_t> mem << 20)
     # Fail here, with a clear message, on an address the server could not listen on.
     with _socket.socket(_socket.AF_INET6 if ":" in host else _socket.AF_INET) as s:
         try:

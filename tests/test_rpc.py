@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,9 +21,9 @@ from conftest import free_port
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "Once upon a time"]
 
 
-def start_rpc_server(port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mullama", "rpc-server", "--port", str(port), "--threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_rpc_server(port: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mullama", "rpc-server", "--port", str(port), "--threads", "1",
+                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 120.0) -> None:
@@ -75,6 +76,39 @@ def test_the_layers_are_spread_over_both_servers(rpc_servers, smollm_path, caplo
     buffers = [r.getMessage() for r in caplog.records if "model buffer size" in r.getMessage()]
     for endpoint in rpc_servers:
         assert any(endpoint in line for line in buffers), (endpoint, buffers)
+
+
+def _buffer_mib(records, endpoint: str) -> float:
+    """The model buffer llama.cpp reports for an RPC endpoint ("RPC0[host:port] model buffer
+    size = 12.34 MiB")."""
+    lines = [r.getMessage() for r in records if "model buffer size" in r.getMessage() and endpoint in r.getMessage()]
+    assert len(lines) == 1, lines
+    return float(re.search(r"=\s*([0-9.]+) MiB", lines[0]).group(1))
+
+
+def test_mem_sets_each_servers_share_of_the_layers(smollm_path, caplog):
+    ports = [free_port(), free_port()]
+    procs = [start_rpc_server(ports[0], "--mem", "100"), start_rpc_server(ports[1], "--mem", "1000")]
+    try:
+        for proc, port in zip(procs, ports):
+            wait_listening(proc, port)
+        caplog.set_level(logging.DEBUG, logger="mullama")
+        endpoints = [f"127.0.0.1:{p}" for p in ports]
+        model = mullama.Model.load(smollm_path, rpc=endpoints)
+        model.close()
+        small, big = (_buffer_mib(caplog.records, e) for e in endpoints)
+        # 1:10 memory: the first server gets 3 of SmolLM2's 30 layers, the second the other 27
+        # and the output layer (about 6 and 86 MiB); an even split is about 31 and 61 MiB.
+        assert 0 < small and 5 * small < big, (small, big)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+def test_rpc_serve_checks_mem():
+    with pytest.raises(mullama.InvalidArgumentError, match="mem"):
+        mullama.rpc_serve("127.0.0.1", free_port(), mem=0)
 
 
 def test_an_unreachable_endpoint_raises_model_load_error_naming_it(smollm_path):
