@@ -19,6 +19,20 @@ _DECODE_FAILURES = {DECODE_NO_SLOT: "no_slot", DECODE_INVALID: "invalid",
                     DECODE_RPC_LOST: "rpc_lost"}
 
 
+cdef extern from "ggml-cpu.h" nogil:
+    cdef struct ggml_threadpool
+    ctypedef struct ggml_threadpool_params:
+        int n_threads
+        uint32_t poll
+    ggml_threadpool_params ggml_threadpool_params_default(int n_threads)
+    ggml_threadpool * ggml_threadpool_new(ggml_threadpool_params * params)
+    void ggml_threadpool_free(ggml_threadpool * threadpool)
+
+
+cdef extern from "llama.h" nogil:
+    void llama_attach_threadpool(llama_context * ctx, ggml_threadpool * threadpool, ggml_threadpool * batch)
+
+
 cdef struct NativeState:
     llama_context * ctx
     llama_batch batch
@@ -26,6 +40,8 @@ cdef struct NativeState:
     const mullama_file_guard * guard
     int rc                      # llama_decode's result of the last decode
     bint watched                # the model runs on RPC servers: decode through _rpc_watch.h
+    ggml_threadpool * pool      # the compute threads, kept between decodes (NULL: none yet)
+    int pool_threads            # threads to start it with (0: llama.cpp starts them per decode)
 
 
 cdef inline void _batch_put(NativeState * st, int i, llama_token tok, llama_pos pos, llama_seq_id seq,
@@ -38,12 +54,27 @@ cdef inline void _batch_put(NativeState * st, int i, llama_token tok, llama_pos 
     st.batch.logits[i] = logits
 
 
+cdef void _start_pool(NativeState * st) noexcept nogil:
+    """Start the context's compute threads for good, from the thread that decodes first: they
+    inherit its scheduling (its nice value and time slice: an engine's lower priority). Without
+    a pool of its own, llama.cpp starts and joins them on every decode, which measured 6-13%
+    slower generation here (BENCHMARKS.md)."""
+    cdef ggml_threadpool_params tpp = ggml_threadpool_params_default(st.pool_threads)
+    st.pool = ggml_threadpool_new(&tpp)
+    if st.pool == NULL:
+        st.pool_threads = 0   # llama.cpp's own per-decode threads, then
+        return
+    llama_attach_threadpool(st.ctx, st.pool, st.pool)
+
+
 cdef Decoded _native_decode(NativeState * st, int n) noexcept nogil:
     """Decode the first n rows of the batch, unless the model's mapped file has changed."""
     st.batch.n_tokens = n
     st.rc = 0
     if mullama_file_changed(st.guard):
         return DECODE_FILE_CHANGED
+    if st.pool == NULL and st.pool_threads > 0:
+        _start_pool(st)
     if st.watched:
         if mullama_decode_watched(st.ctx, st.batch, &st.rc) != 0:
             return DECODE_RPC_LOST
@@ -85,6 +116,7 @@ cdef class _NativeContext:
     def __cinit__(self):
         self.st.ctx = NULL
         self.batch_ready = False
+        self.st.pool = NULL
         self.adapters = ()
 
     @staticmethod
@@ -109,6 +141,7 @@ cdef class _NativeContext:
                 + "; try a smaller n_ctx or n_batch"
             )
         c.st.ctx = ptr
+        c.st.pool_threads = p.n_threads
         c.st.watched = model._rpc
         c.st.guard = &model.guard
         c.model = model
@@ -273,6 +306,9 @@ cdef class _NativeContext:
             self.adapters = ()
             llama_free(self.st.ctx)
             self.st.ctx = NULL
+            if self.st.pool != NULL:
+                ggml_threadpool_free(self.st.pool)
+                self.st.pool = NULL
             self.model._release()
         if self.batch_ready:
             llama_batch_free(self.st.batch)
