@@ -7,7 +7,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
 from libc.stdio cimport fflush, fprintf, stderr
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
-from posix.unistd cimport close
+from posix.unistd cimport close, getpid
 from libcpp.string cimport string
 from libcpp.vector cimport vector
 

@@ -42,6 +42,7 @@ cdef struct NativeState:
     bint watched                # the model runs on RPC servers: decode through _rpc_watch.h
     ggml_threadpool * pool      # the compute threads, kept between decodes (NULL: none yet)
     int pool_threads            # threads to start it with (0: llama.cpp starts them per decode)
+    int pool_pid                # the process that started them (a forked child has none of them)
 
 
 cdef inline void _batch_put(NativeState * st, int i, llama_token tok, llama_pos pos, llama_seq_id seq,
@@ -57,9 +58,13 @@ cdef inline void _batch_put(NativeState * st, int i, llama_token tok, llama_pos 
 cdef void _start_pool(NativeState * st) noexcept nogil:
     """Start the context's compute threads for good, from the thread that decodes first: they
     inherit its scheduling (its nice value and time slice: an engine's lower priority). Without
-    a pool of its own, llama.cpp starts and joins them on every decode, which measured 6-13%
+    a pool of its own, llama.cpp starts and joins them on every decode, which measured about 6%
     slower generation here (BENCHMARKS.md)."""
     cdef ggml_threadpool_params tpp = ggml_threadpool_params_default(st.pool_threads)
+    st.pool_pid = getpid()
+    # Idle threads sleep at once: polling (llama.cpp's tools use 50, about 0.1 s of spinning
+    # after every decode) measured no faster here and takes a core from everything else.
+    tpp.poll = 0
     st.pool = ggml_threadpool_new(&tpp)
     if st.pool == NULL:
         st.pool_threads = 0   # llama.cpp's own per-decode threads, then
@@ -73,6 +78,8 @@ cdef Decoded _native_decode(NativeState * st, int n) noexcept nogil:
     st.rc = 0
     if mullama_file_changed(st.guard):
         return DECODE_FILE_CHANGED
+    if st.pool != NULL and st.pool_pid != getpid():
+        st.pool = NULL   # a forked child's copy: its threads stayed in the parent (leave it be)
     if st.pool == NULL and st.pool_threads > 0:
         _start_pool(st)
     if st.watched:
@@ -306,9 +313,9 @@ cdef class _NativeContext:
             self.adapters = ()
             llama_free(self.st.ctx)
             self.st.ctx = NULL
-            if self.st.pool != NULL:
-                ggml_threadpool_free(self.st.pool)
-                self.st.pool = NULL
+            if self.st.pool != NULL and self.st.pool_pid == getpid():
+                ggml_threadpool_free(self.st.pool)   # joins its threads: none in a forked child
+            self.st.pool = NULL
             self.model._release()
         if self.batch_ready:
             llama_batch_free(self.st.batch)

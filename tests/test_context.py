@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -408,3 +409,30 @@ def test_rope_scaling_extends_the_context_on_purpose(smollm, greedy):
 def test_bad_rope_settings_are_refused_by_name(smollm, kwargs):
     with pytest.raises(mullama.InvalidArgumentError, match=next(iter(kwargs))):
         mullama.Context(smollm, n_ctx=256, **kwargs)
+
+
+def test_a_forked_child_generates_with_a_context_made_before_the_fork(smollm, greedy):
+    # The context keeps its compute threads between decodes; a forked child has none of them,
+    # so it must start its own rather than wait for the parent's.
+    prompt = "The capital of France is"
+    with mullama.Context(smollm, n_ctx=256) as ctx:
+        want = ctx.generate(prompt, 8, greedy)   # the threads are running from here on
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(w, ctx.generate(prompt, 8, greedy).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        deadline = time.monotonic() + 120
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung generating with the parent's context")
+            time.sleep(0.05)
+        with os.fdopen(r, "rb") as f:
+            got = f.read().decode()
+        assert got == want
+        assert ctx.generate(prompt, 8, greedy) == want   # the parent's threads still serve it
