@@ -91,7 +91,7 @@ cdef class Model:
     cdef bint _vocab_only       # loaded without weights: no Context can compute with it
     cdef mullama_file_guard guard   # the mapped file as loaded; checked before every decode
     cdef object _chat           # its _ChatTemplates, made at the first use
-    cdef bint _rpc              # some layers are on RPC servers (their loss ends its use)
+    cdef readonly bint _rpc     # some layers are on RPC servers (their loss ends its use)
 
     def __cinit__(self):
         self.ptr = NULL

@@ -219,3 +219,41 @@ def test_a_server_killed_mid_generation_ends_it_with_an_error(smollm_path, smoll
     with mullama.Context(smollm, n_ctx=256) as local:
         assert out["local"] == local.generate("The capital of France is", 8, greedy)
     assert "ended the process" not in proc.stderr
+
+
+def test_serve_answers_503_once_an_rpc_server_is_lost(smollm_path):
+    import httpx
+    from test_serve import KEY, served
+
+    ports = [free_port(), free_port()]
+    procs = [start_rpc_server(p) for p in ports]
+    try:
+        for proc, port in zip(procs, ports):
+            wait_listening(proc, port)
+        rpc = ",".join(f"127.0.0.1:{p}" for p in ports)
+        with served(["-m", str(smollm_path), "--rpc", rpc, "--parallel", "2", "--ctx-size", "1024",
+                     "--threads", "1"]) as base, \
+                httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
+            body = {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": True}
+            pieces, error = 0, None
+            with http.stream("POST", "/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        error = event["error"]
+                        break
+                    pieces += 1
+                    if pieces == 3:
+                        procs[1].kill()
+                        procs[1].wait()
+            assert error is not None and "RPC server" in error["message"], (pieces, error)
+            r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "rpc_server_lost", r.text
+            h = http.get("/health")
+            assert h.status_code == 503 and "RPC server" in h.json()["error"], h.text
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=30)
