@@ -35,7 +35,6 @@ from ._errors import (
     ModelLoadError,
     ModelNotFoundError,
     MullamaError,
-    RPCServerLostError,
     StateError,
     AdapterError,
     decode_failure,

@@ -109,11 +109,6 @@ cdef int _rpc_devices(list endpoints, vector[ggml_backend_dev_t] & out) except -
     return 0
 
 
-def _rpc_lost():
-    """Whether an RPC server stopped answering in this process (for good: _rpc_watch.h)."""
-    return mullama_rpc_lost() != 0
-
-
 def rpc_serve(host="127.0.0.1", port=50052, *, n_threads=0, cache_dir=None, mem=None):
     """Serve this machine's compute (its GPUs, else its CPU) to llama.cpp RPC clients, such
     as ``Model.load(path, rpc=["host:port"])`` on another machine. Blocks for good; returns

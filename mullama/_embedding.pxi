@@ -69,8 +69,9 @@ cdef class _Pooled:
         """Pack sequences into decodes (longest first packs them tightly) and write each row
         back in the caller's order."""
         cdef float[:, ::1] view = out
-        # Texts of one decode attend over the whole micro-batch (masked), so a moderate batch
-        # is faster than a full one: measured here, 256 tokens per decode beat 512 by ~10%.
+        # Texts of one decode attend over the whole micro-batch (masked). Without flash attention
+        # (which skips masked cells) 256 tokens per decode beat 512 by ~10% here; with it they
+        # are even (BENCHMARKS.md).
         cdef int per_decode = max(min(self.core.n_batch, 256), 1)
         order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
         cdef vector[llama_token] toks

@@ -91,7 +91,7 @@ cdef class Model:
     cdef bint _vocab_only       # loaded without weights: no Context can compute with it
     cdef mullama_file_guard guard   # the mapped file as loaded; checked before every decode
     cdef object _chat           # its _ChatTemplates, made at the first use
-    cdef readonly bint _rpc     # some layers are on RPC servers (their loss ends its use)
+    cdef bint _rpc              # some layers are on RPC servers (their loss ends its use)
 
     def __cinit__(self):
         self.ptr = NULL
@@ -249,10 +249,18 @@ cdef class Model:
         if self._close_requested and self._users == 0 and self.ptr != NULL:
             self._free_native()
 
+    cdef bint _lost(self):
+        """Some of its layers are on RPC servers, and those are lost (_rpc_watch.h): nothing may
+        touch its native state again."""
+        return self._rpc and mullama_rpc_lost()
+
+    @property
+    def _rpc_lost(self):
+        return self._lost()
+
     cdef void _free_native(self):
-        # The weights of a model whose RPC servers were lost stay: freeing their remote
-        # buffers would wait for good on the lost connection (_rpc_watch.h).
-        if not (self._rpc and mullama_rpc_lost()):
+        # The weights of a lost model stay: freeing their remote buffers would wait for good.
+        if not self._lost():
             llama_model_free(self.ptr)
         self.ptr = NULL
         self.vocab = NULL

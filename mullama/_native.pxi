@@ -330,8 +330,8 @@ cdef llama_context_params _context_params(Model model, object n_ctx, object n_ba
                                           object pooling) except *:
     """The llama_context_params for these settings, each checked by name."""
     model._check()
-    if model._rpc and mullama_rpc_lost():
-        raise RPCServerLostError(_RPC_LOST_EARLIER)
+    if model._lost():
+        raise decode_failure(_DECODE_FAILURES[DECODE_RPC_LOST], 0, "a new context")
     if model._vocab_only:
         raise InvalidArgumentError(
             f"model {model.path!r} was loaded with vocab_only=True: it has no weights to compute "

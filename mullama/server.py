@@ -50,7 +50,7 @@ from ._errors import (
     MullamaError,
     RPCServerLostError,
 )
-from ._llama import Model, _ChatTemplates, _rpc_lost
+from ._llama import Model, _ChatTemplates
 from ._params import MAX_STOP_LENGTH, MAX_STOPS, SamplerParams
 from ._prompt_cache import PromptCache
 from .aio import AsyncEmbeddingGenerator, AsyncEngine, load_model
@@ -518,7 +518,7 @@ class _Server:
     async def health(self, request: Request) -> Response:
         if self.error is not None:
             return _json({"status": "error", "error": self.error}, 503)
-        if self.model is not None and self.model._rpc and _rpc_lost():
+        if self.model is not None and self.model._rpc_lost:
             return _json({"status": "error", "error": "an RPC server holding layers of the model stopped "
                           "answering; restart this server once it is back"}, 503)
         if self.engine is None:
