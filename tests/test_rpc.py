@@ -3,6 +3,7 @@ model loaded with Model.load(path, rpc=[...]); its greedy output equals the loca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -41,18 +43,26 @@ def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 120.0) ->
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def rpc_servers():
-    ports = [free_port(), free_port()]
-    procs = [start_rpc_server(p) for p in ports]
+@contextlib.contextmanager
+def running_servers(*extras: tuple[str, ...]) -> Iterator[tuple[list[str], list[subprocess.Popen]]]:
+    """One `mullama rpc-server` per entry of extras (its extra arguments) on a free loopback
+    port, listening: their endpoints and processes; stopped at the end (if still running)."""
+    ports = [free_port() for _ in extras]
+    procs = [start_rpc_server(p, *extra) for p, extra in zip(ports, extras)]
     try:
         for proc, port in zip(procs, ports):
             wait_listening(proc, port)
-        yield [f"127.0.0.1:{p}" for p in ports]
+        yield [f"127.0.0.1:{p}" for p in ports], procs
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def rpc_servers():
+    with running_servers((), ()) as (endpoints, _):
+        yield endpoints
 
 
 @pytest.fixture(scope="module")
@@ -87,23 +97,14 @@ def _buffer_mib(records, endpoint: str) -> float:
 
 
 def test_mem_sets_each_servers_share_of_the_layers(smollm_path, caplog):
-    ports = [free_port(), free_port()]
-    procs = [start_rpc_server(ports[0], "--mem", "100"), start_rpc_server(ports[1], "--mem", "1000")]
-    try:
-        for proc, port in zip(procs, ports):
-            wait_listening(proc, port)
+    with running_servers(("--mem", "100"), ("--mem", "1000")) as (endpoints, _):
         caplog.set_level(logging.DEBUG, logger="mullama")
-        endpoints = [f"127.0.0.1:{p}" for p in ports]
         model = mullama.Model.load(smollm_path, rpc=endpoints)
         model.close()
         small, big = (_buffer_mib(caplog.records, e) for e in endpoints)
         # 1:10 memory: the first server gets 3 of SmolLM2's 30 layers, the second the other 27
         # and the output layer (about 6 and 86 MiB); an even split is about 31 and 61 MiB.
         assert 0 < small and 5 * small < big, (small, big)
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
 
 
 def test_rpc_serve_checks_mem():
@@ -225,12 +226,8 @@ def test_serve_answers_503_once_an_rpc_server_is_lost(smollm_path):
     import httpx
     from test_serve import KEY, served
 
-    ports = [free_port(), free_port()]
-    procs = [start_rpc_server(p) for p in ports]
-    try:
-        for proc, port in zip(procs, ports):
-            wait_listening(proc, port)
-        rpc = ",".join(f"127.0.0.1:{p}" for p in ports)
+    with running_servers((), ()) as (endpoints, procs):
+        rpc = ",".join(endpoints)
         with served(["-m", str(smollm_path), "--rpc", rpc, "--parallel", "2", "--ctx-size", "1024",
                      "--threads", "1"]) as base, \
                 httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
@@ -253,7 +250,3 @@ def test_serve_answers_503_once_an_rpc_server_is_lost(smollm_path):
             assert r.status_code == 503 and r.json()["error"]["code"] == "rpc_server_lost", r.text
             h = http.get("/health")
             assert h.status_code == 503 and "RPC server" in h.json()["error"], h.text
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait(timeout=30)
