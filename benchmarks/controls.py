@@ -12,7 +12,7 @@ import time
 import mullama
 
 from . import peers
-from .run import STORY, THREADS, Table, _free_port, _wait_http
+from .run import STORY, THREADS, Table, _free_port, _quiet, _wait_http
 
 CAT = "A JSON object describing a cat:"
 
@@ -84,9 +84,11 @@ def bench_grammar(t: Table, model_path, tools, reps, n=128):
             ctx.complete(CAT, 1, params)                                                     # the same
             for _ in range(reps):
                 ctx.generate(CAT, max_tokens=0)
+                _quiet(srv)
                 t0 = time.perf_counter()
                 c = ctx.complete(CAT, n, params)
                 mine.append(c.usage.completion_tokens / (time.perf_counter() - t0))
+                _quiet(srv)
                 js = client.post(f"http://127.0.0.1:{port}/completion", json=body).json()
                 tm = js["timings"]
                 peer.append(tm["predicted_n"] / ((tm["prompt_ms"] + tm["predicted_ms"]) / 1000))

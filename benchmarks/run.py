@@ -502,6 +502,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _quiet(*procs, window=0.05, timeout=5.0):
+    """Wait until the server processes are idle (under a quarter of a core over `window` s).
+
+    A system is never measured while another one still uses the CPU: llama.cpp's tools keep
+    their compute threads spinning for work after each decode (poll level 50, the default),
+    which measured here as about one core for 0.2 s after every llama-server request, time the
+    next system measured in an alternation would otherwise share its two cores with."""
+    deadline = time.monotonic() + timeout
+    pids = [p.pid for p in procs if p.poll() is None]
+    while pids and time.monotonic() < deadline:
+        before = sum(_cpu_seconds(pid) for pid in pids)
+        time.sleep(window)
+        if sum(_cpu_seconds(pid) for pid in pids) - before < window / 4:
+            return
+
+
 def _wait_http(url, proc, timeout=120):
     import httpx
 

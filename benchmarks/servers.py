@@ -4,6 +4,7 @@ chat's second turn, and eight chats sharing one system prompt."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import threading
 import time
 from statistics import median
 
-from .run import ROOT, THREADS, Table, _free_port, _wait_http
+from .run import ROOT, THREADS, Table, _free_port, _quiet, _wait_http
 
 SLOTS, CTX = 8, 4096          # 512 tokens per request on both servers
 FILLER = ("The river runs through the valley past the old mill, where the miller keeps bees and "
@@ -76,14 +77,18 @@ def _servers(model_path, tools):
 
 def _widths(t: Table, servers, reps, widths, n):
     """Throughput and TTFT; the systems take turns within each repetition."""
+    procs = [proc for proc, _ in servers.values()]
+    numbers = itertools.count(1)
     for width in widths:
         rates: dict = {s: [] for s in servers}
         ttfts: dict = {s: [] for s in servers}
         for rep in range(reps):
             for name, (_, base) in servers.items():
-                # Prompts differ from their first token: no server reuses a cached prefix here.
-                bodies = [{"prompt": f"{rep * 8 + i + 1}. Once upon a time, in a city called Town,", "max_tokens": n,
-                           "temperature": 0.0, "repeat_penalty": 1.0} for i in range(width)]
+                # No prompt comes twice in the run, and two share at most their first digits: no
+                # server reuses more than a token or two of an earlier prompt here.
+                bodies = [{"prompt": f"{next(numbers)}. Once upon a time, in a city called Town,", "max_tokens": n,
+                           "temperature": 0.0, "repeat_penalty": 1.0} for _ in range(width)]
+                _quiet(*procs)
                 rate, firsts = _together(base, bodies)
                 rates[name].append(rate)
                 ttfts[name].append(median(firsts))
@@ -98,6 +103,7 @@ def _second_turn(t: Table, servers, reps):
     """A chat of about 400 tokens, then its next turn: TTFT of each."""
     firsts: dict = {s: [] for s in servers}
     seconds: dict = {s: [] for s in servers}
+    procs = [proc for proc, _ in servers.values()]
     for rep in range(reps):
         for name, (_, base) in servers.items():
             import httpx
@@ -107,10 +113,12 @@ def _second_turn(t: Table, servers, reps):
             url = base + "/v1/chat/completions"
             # A connection per request: reusing one after a stream once met a closed connection
             # (which server closed it was not recorded); both pay the same loopback connect.
+            _quiet(*procs)
             with httpx.Client(timeout=600) as client:
                 ttft1, _ = _stream(client, url, dict(body, messages=msgs))
             reply = httpx.post(url, json=dict(body, messages=msgs), timeout=600).json()
             msgs = msgs + [reply["choices"][0]["message"], {"role": "user", "content": "And who keeps the bees?"}]
+            _quiet(*procs)
             with httpx.Client(timeout=600) as client:
                 ttft2, _ = _stream(client, url, dict(body, messages=msgs))
             firsts[name].append(ttft1 * 1000)

@@ -334,6 +334,19 @@ cdef class Engine:
         with EngineStream(req, self) as s:
             return completion_of(s, read_until_cancelled(s))
 
+    def cached_prefix(self, prompt):
+        """How many leading tokens of ``prompt`` (text or token ids) a free slot's cache holds
+        now (0 below the 32 a slot is reused for), so that a request for it admitted at once
+        decodes only the rest, and its ``state=`` is not restored unless it holds more. A hint
+        for a caller keeping its own states (checking one reads megabytes): slots change as
+        requests come and go."""
+        cdef vector[llama_token] toks
+        self.core.model._prompt_or_tokens(prompt, toks)
+        prompt_tokens = [toks[i] for i in range(toks.size())]
+        free = [held for held, r in zip(list(self.cached), list(self.requests)) if r is None]
+        best = max((_common_prefix(held, prompt_tokens) for held in free), default=0)
+        return best if best >= REUSE_MIN else 0
+
     def stats(self):
         """Running and waiting requests, slot use, recent generated tokens per second, and
         the prompt tokens decoded and those found in the cache (a slot's earlier request, a

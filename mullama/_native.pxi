@@ -254,14 +254,15 @@ cdef class _NativeContext:
             raise StateError(f"llama.cpp wrote {got} of the {n} bytes of the sequence's state")
         return out
 
-    cdef bint set_seq_state(self, int seq, bytes blob, int n_tokens):
+    cdef bint set_seq_state(self, int seq, const uint8_t[::1] blob, int n_tokens):
         """Replace sequence `seq` with a saved one of n_tokens positions; False (and the
         sequence left empty) if llama.cpp refuses it."""
-        cdef const uint8_t * src = <const uint8_t *> PyBytes_AS_STRING(blob)
-        cdef size_t n = len(blob), got
+        cdef size_t n = blob.shape[0], got = 0
+        cdef const uint8_t * src = &blob[0] if n > 0 else NULL
         _seq_rm(&self.st, seq, -1, -1)
-        with nogil:
-            got = llama_state_seq_set_data(self.st.ctx, src, n, seq)
+        if n > 0:
+            with nogil:
+                got = llama_state_seq_set_data(self.st.ctx, src, n, seq)
         if got == 0 or llama_memory_seq_pos_max(llama_get_memory(self.st.ctx), seq) != n_tokens - 1:
             _seq_rm(&self.st, seq, -1, -1)
             return False

@@ -28,13 +28,16 @@ class PromptCache:
         """Whether a request with this prompt should keep its state for later ones."""
         return self.max_bytes > 0 and len(prompt) >= self.min_tokens
 
-    def lookup(self, prompt: list[int]) -> bytes | None:
-        """The state holding the longest beginning of `prompt`, or None."""
+    def lookup(self, prompt: list[int], have: int = 0) -> bytes | None:
+        """The state holding the longest beginning of `prompt`, or None; None too when it holds
+        no more than the `have` tokens the engine's slots already do."""
         if not self.wants(prompt):
             return None
         with self._lock:
             best = max((k for k in self._entries if len(k) <= len(prompt) and tuple(prompt[:len(k)]) == k),
                        key=len, default=None)
+            if best is not None and len(best) <= have:
+                return None
             if best is None:
                 self.misses += 1
                 return None

@@ -43,7 +43,7 @@ class SavedState:
 
     header: dict[str, Any]
     tokens: list[int]
-    blob: bytes
+    blob: memoryview   # llama.cpp's bytes, a view into the state they were read from
 
 
 def pack(model: Any, n_ctx: int, n_seq: int, tokens: Sequence[int], blob: bytes) -> bytes:
@@ -52,9 +52,11 @@ def pack(model: Any, n_ctx: int, n_seq: int, tokens: Sequence[int], blob: bytes)
     header = {"version": VERSION, "model": model_fingerprint(model), "n_ctx": n_ctx, "n_seq": n_seq,
               "n_tokens": len(tokens), "blob_len": len(blob)}
     head = json.dumps(header, sort_keys=True).encode()
-    body = b"".join([MAGIC, struct.pack("<I", len(head)), head,
-                     struct.pack(f"<{len(tokens)}i", *tokens), blob])
-    return body + hashlib.sha256(body).digest()
+    parts = [MAGIC, struct.pack("<I", len(head)), head, struct.pack(f"<{len(tokens)}i", *tokens), blob]
+    digest = hashlib.sha256()
+    for part in parts:   # hashed in place: the blob (megabytes of cache) is copied once, by the join
+        digest.update(part)
+    return b"".join([*parts, digest.digest()])
 
 
 def _header(data: bytes, what: str) -> tuple[dict[str, Any], int]:
@@ -70,21 +72,23 @@ def _header(data: bytes, what: str) -> tuple[dict[str, Any], int]:
 
 
 def unpack(data: bytes | bytearray | memoryview, what: str) -> SavedState:
-    """Parse and check a state's framing and checksum; StateError naming `what` otherwise."""
-    data = bytes(data)
+    """Parse and check a state's framing and checksum; StateError naming `what` otherwise.
+    The blob is a view into `data` (bytes: copied first otherwise), not a copy of it."""
+    data = data if isinstance(data, bytes) else bytes(data)
     if len(data) < len(MAGIC) + 4 + _DIGEST or not data.startswith(MAGIC):
         raise StateError(f"{what} is not a mullama state (no {MAGIC.decode()} header)")
-    body, digest = data[:-_DIGEST], data[-_DIGEST:]
-    if hashlib.sha256(body).digest() != digest:
+    view = memoryview(data)
+    body = view[:-_DIGEST]
+    if hashlib.sha256(body).digest() != view[-_DIGEST:]:
         raise StateError(f"{what} is truncated or corrupted (its checksum does not match)")
-    header, tok_start = _header(body, what)
+    header, tok_start = _header(data, what)
     n_tokens, blob_len = int(header["n_tokens"]), int(header["blob_len"])
     if header.get("version") != VERSION:
         raise StateError(f"{what} has state format version {header.get('version')!r}; "
                          f"this mullama reads version {VERSION}")
     if n_tokens < 0 or tok_start + 4 * n_tokens + blob_len != len(body):
         raise StateError(f"{what} is truncated or corrupted (its sizes do not add up)")
-    tokens = list(struct.unpack_from(f"<{n_tokens}i", body, tok_start))
+    tokens = list(struct.unpack_from(f"<{n_tokens}i", data, tok_start))
     return SavedState(header, tokens, body[tok_start + 4 * n_tokens:])
 
 

@@ -723,6 +723,10 @@ class AsyncEngine(_LoopBound):
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 
+    def cached_prefix(self, prompt: str | Sequence[int]) -> int:
+        """As :meth:`mullama.Engine.cached_prefix` (no await: it reads, it never waits)."""
+        return self.engine.cached_prefix(prompt)
+
     def submit(self, prompt: str | Sequence[int], max_tokens: int = 100, params: Any = None, *, buffer: int = 8,
                state: bytes | None = None, keep_state: bool = False) -> EngineRequest:
         """Queue a completion, as :meth:`mullama.Engine.submit`; read it with ``AsyncEngineStream``."""

@@ -260,11 +260,16 @@ def test_a_slot_keeps_its_cache_for_the_next_request_that_begins_the_same(smollm
     first = SYSTEM + "Question: what is the capital of France?"
     second = first + " And of Italy?"
     with mullama.Engine(smollm, n_parallel=2, n_ctx=2048) as e:
+        assert e.cached_prefix(first) == 0
         a = e.complete(first, 16, greedy)
+        held = e.cached_prefix(second)
         b = e.complete(second, 16, greedy)
+        unrelated_held = e.cached_prefix("Water boils at")
         unrelated = e.complete("Water boils at", 16, greedy)
         stats = e.stats()
     n_first = len(smollm.tokenize(first))
+    assert held == b.usage.reused_tokens   # what the slot held is what the second did not decode
+    assert unrelated_held == 0
     assert a.usage.reused_tokens == 0
     assert b.usage.reused_tokens >= n_first - 1        # the first prompt was not decoded again
     assert b.usage.evaluated_tokens == b.usage.prompt_tokens - b.usage.reused_tokens
