@@ -82,12 +82,13 @@ def _widths(t: Table, servers, reps, widths, n):
     for width in widths:
         rates: dict = {s: [] for s in servers}
         ttfts: dict = {s: [] for s in servers}
-        for rep in range(reps):
+        for _ in range(reps):
+            # The same prompts for both servers (greedy: the same texts, and the same early ends of
+            # generation), none of them sent twice to a server in the run, and two share at most
+            # their first digits: no server reuses more than a token or two of an earlier prompt.
+            bodies = [{"prompt": f"{next(numbers)}. Once upon a time, in a city called Town,", "max_tokens": n,
+                       "temperature": 0.0, "repeat_penalty": 1.0} for _ in range(width)]
             for name, (_, base) in servers.items():
-                # No prompt comes twice in the run, and two share at most their first digits: no
-                # server reuses more than a token or two of an earlier prompt here.
-                bodies = [{"prompt": f"{next(numbers)}. Once upon a time, in a city called Town,", "max_tokens": n,
-                           "temperature": 0.0, "repeat_penalty": 1.0} for _ in range(width)]
                 _quiet(*procs)
                 rate, firsts = _together(base, bodies)
                 rates[name].append(rate)
