@@ -343,9 +343,9 @@ cdef class Engine:
         cdef vector[llama_token] toks
         self.core.model._prompt_or_tokens(prompt, toks)
         prompt_tokens = [toks[i] for i in range(toks.size())]
-        free = [held for held, r in zip(list(self.cached), list(self.requests)) if r is None]
-        best = max((_common_prefix(held, prompt_tokens) for held in free), default=0)
-        return best if best >= REUSE_MIN else 0
+        cdef int i = self._pick_slot(prompt_tokens)   # the slot the request would be given
+        held = _common_prefix(self.cached[i], prompt_tokens) if i >= 0 else 0
+        return held if held >= REUSE_MIN else 0
 
     def stats(self):
         """Running and waiting requests, slot use, recent generated tokens per second, and

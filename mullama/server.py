@@ -714,7 +714,7 @@ class _Server:
         cache = self.prompt_cache
         for p, toks in enumerate(prompts):
             room = limit - len(toks)
-            found = cache.lookup(toks, engine.cached_prefix(toks)) if cache.wants(toks) else None
+            found = cache.lookup(toks, engine.cached_prefix(toks))
             for j, prm in enumerate(_choice_params(params, n)):
                 jobs.append((p * n + j, toks, echoes[p] if p < len(echoes) else "", prm,
                              room if max_tokens is None else max_tokens))
