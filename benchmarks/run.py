@@ -615,7 +615,7 @@ def main(argv=None):
     lcp_py = None if args.no_llama_cpp_python else peers.llama_cpp_python()
     t = Table()
     started = datetime.datetime.now(datetime.timezone.utc)
-    cmdline = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmdline = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
     print(f"mullama {mullama.__version__} / llama.cpp {mullama.version()} / {THREADS} threads", flush=True)
     if "pp" in only:
         bench_pp(t, model_path, tools, lcp_py, reps)
