@@ -342,9 +342,9 @@ cdef class Engine:
         requests come and go."""
         cdef vector[llama_token] toks
         self.core.model._prompt_or_tokens(prompt, toks)
-        prompt_tokens = [toks[i] for i in range(toks.size())]
-        cdef int i = self._pick_slot(prompt_tokens)   # the slot the request would be given
-        held = _common_prefix(self.cached[i], prompt_tokens) if i >= 0 else 0
+        cdef size_t k
+        cdef int held = 0
+        self._pick_slot([toks[k] for k in range(toks.size())], &held)   # the slot the request would get
         return held if held >= REUSE_MIN else 0
 
     def stats(self):
@@ -441,8 +441,9 @@ cdef class Engine:
                 return req
             req.finish("cancelled", GenerationCancelled("the request was cancelled"))
 
-    cdef int _pick_slot(self, list toks):
-        """The free slot with the longest common prefix; among equals, the least cached."""
+    cdef int _pick_slot(self, list toks, int * prefix=NULL):
+        """The free slot with the longest common prefix (its length in *prefix); among equals,
+        the least cached."""
         cdef int i, best = -1, best_common = -1
         for i in range(self.n_slots):
             if self.requests[i] is not None:
@@ -450,6 +451,8 @@ cdef class Engine:
             common = _common_prefix(self.cached[i], toks)
             if common > best_common or (common == best_common and len(self.cached[i]) < len(self.cached[best])):
                 best, best_common = i, common
+        if prefix != NULL:
+            prefix[0] = best_common
         return best
 
     cdef void _start_slot(self, int i, object req):
