@@ -42,6 +42,14 @@ cdef enum:
     REUSE_MIN = 32
 
 
+cdef void _remove_value(vector[int] & v, int x) noexcept:
+    cdef size_t k
+    for k in range(v.size()):
+        if v[k] == x:
+            v.erase(v.begin() + k)
+            return
+
+
 def _common_prefix(list a, list b):
     cdef Py_ssize_t n = min(len(a), len(b)), k = 0
     while k < n and a[k] == b[k]:
@@ -66,11 +74,12 @@ cdef struct ESlot:
 
 
 cdef int _engine_step(NativeState * st, const llama_vocab * vocab, ESlot * slots, int n_slots,
-                      vector[vector[llama_token]] & prompts, int n_batch,
-                      int prompt_chunk, int n_ctx_seq, Decoded * decoded) noexcept nogil:
+                      vector[vector[llama_token]] & prompts, vector[int] & admitted, int n_batch,
+                      int prompt_chunk, int prompt_group, int n_ctx_seq, Decoded * decoded) noexcept nogil:
     """One decode for all running slots. Returns the batch size (0: nothing to do). A decode
     that does not succeed leaves its status in *decoded and the slots in the batch unchanged."""
-    cdef int i, k, take, n = 0
+    cdef int i, k, take, n = 0, prompt_n = 0
+    cdef size_t a
     cdef ESlot * s
     cdef llama_token tok
     cdef Choice chosen
@@ -93,16 +102,24 @@ cdef int _engine_step(NativeState * st, const llama_vocab * vocab, ESlot * slots
         s.batch_idx = n
         s.step_take = 1
         n += 1
-    # Prompt chunks fill what the running sequences leave, so they keep producing tokens.
-    for i in range(n_slots):
+    # Prompt chunks fill what the running sequences leave, so they keep producing tokens; the
+    # oldest prompt first, and a further one only if the step's prompt tokens stay within
+    # prompt_group (where a step's time grows with its tokens, decoding prompts together only
+    # delays the first tokens of the earlier ones).
+    for a in range(admitted.size()):
+        i = admitted[a]
         s = &slots[i]
-        if s.state != SLOT_PROMPT or n >= n_batch:
+        if s.state != SLOT_PROMPT:
             continue
+        if n >= n_batch:
+            break
         take = s.n_prompt - s.prompt_pos
         if take > prompt_chunk:
             take = prompt_chunk
         if take > n_batch - n:
             take = n_batch - n
+        if prompt_n > 0 and prompt_n + take > prompt_group:
+            break
         for k in range(take):
             _batch_put(st, n + k, prompts[i][s.prompt_pos + k], s.prompt_pos + k, i, False)
         if s.prompt_pos + take == s.n_prompt:
@@ -110,6 +127,7 @@ cdef int _engine_step(NativeState * st, const llama_vocab * vocab, ESlot * slots
             s.batch_idx = n + take - 1
         s.step_take = take
         n += take
+        prompt_n += take
     if n == 0:
         return 0
     decoded[0] = _native_decode(st, n)
@@ -155,9 +173,14 @@ cdef class Engine:
     """Continuous batching: one model, many concurrent requests, one decode per step.
 
     ``n_parallel`` requests run at once, each in its own sequence of ``n_ctx // n_parallel``
-    tokens; more wait in arrival order. ``nice`` lowers the engine thread's priority (and that of
-    its compute threads) so that an event loop in the same process stays responsive. ``generate`` and ``stream`` may be called from many
-    threads at once; :class:`mullama.aio.AsyncEngine` is the async front.
+    tokens; more wait in arrival order. Prompts are decoded oldest first, in chunks of at most
+    ``prompt_chunk`` tokens beside the running sequences' next tokens; a step takes in a further
+    prompt only if its prompt tokens stay within ``prompt_group`` (default 16 on a CPU,
+    where decoding prompts together only delays the first tokens of the earlier ones, and
+    ``n_batch`` when the model's layers are on a GPU). ``nice`` lowers the engine thread's
+    priority (and that of its compute threads) so that an event loop in the same process stays
+    responsive. ``generate`` and ``stream`` may be called from many threads at once;
+    :class:`mullama.aio.AsyncEngine` is the async front.
 
     >>> with Engine(model, n_parallel=4) as engine:                    # doctest: +SKIP
     ...     print(engine.generate("The capital of France is", 8))
@@ -167,6 +190,7 @@ cdef class Engine:
     cdef ESlot * slots
     cdef int n_slots
     cdef vector[vector[llama_token]] prompts
+    cdef vector[int] admitted        # the busy slots, in the order their requests were admitted
     cdef list requests               # the request in each slot, or None
     cdef list cached                 # the tokens a free slot's sequence still holds
     cdef list follow                 # per slot: (leader slot, leader request, prefix length) or None
@@ -177,6 +201,7 @@ cdef class Engine:
     cdef object thread
     cdef bint closing
     cdef int prompt_chunk
+    cdef int prompt_group
     cdef int _n_ctx_seq
     cdef readonly int n_parallel
     cdef object _done_times          # (time, n_tokens) of recent steps, for tokens/s
@@ -191,7 +216,7 @@ cdef class Engine:
         self.slots = NULL
 
     def __init__(self, Model model not None, *, n_parallel=8, n_ctx=None, n_batch=512, n_threads=0,
-                 prompt_chunk=None, nice=0, adapters=None):
+                 prompt_chunk=None, prompt_group=None, nice=0, adapters=None):
         model._check()
         applied = _check_adapters(model, adapters)
         _check_int(n_parallel, "n_parallel", 1, llama_max_parallel_sequences())
@@ -210,6 +235,12 @@ cdef class Engine:
         if prompt_chunk is None:
             prompt_chunk = max(32, n_batch // 2)
         self.prompt_chunk = _check_int(prompt_chunk, "prompt_chunk", 1, n_batch)
+        if prompt_group is None:
+            # On a CPU a decode's time grows about linearly with its tokens: prompts decoded
+            # together all wait for the last of them. A GPU decodes a few hundred tokens in
+            # about the time of one, so there they share steps.
+            prompt_group = n_batch if model._offloaded else 16
+        self.prompt_group = _check_int(prompt_group, "prompt_group", 1, 1 << 30)
         self._nice = _check_int(nice, "nice", 0, 19)
         self.slots = <ESlot *> malloc(n_parallel * sizeof(ESlot))
         if self.slots == NULL:
@@ -394,7 +425,8 @@ cdef class Engine:
                 r = self.requests[i]
                 self.slots[i].paused = r is not None and r.full
             with nogil:
-                rc = _engine_step(st, vocab, self.slots, self.n_slots, self.prompts, n_batch, self.prompt_chunk, self._n_ctx_seq, &decoded)
+                rc = _engine_step(st, vocab, self.slots, self.n_slots, self.prompts, self.admitted, n_batch,
+                                  self.prompt_chunk, self.prompt_group, self._n_ctx_seq, &decoded)
             self._steps += 1
             if decoded == DECODE_RPC_LOST:
                 self._lose_all()
@@ -472,6 +504,7 @@ cdef class Engine:
         s.finish = FINISH_NONE
         req.slot = i
         self.requests[i] = req
+        self.admitted.push_back(i)
 
     cdef void _reuse_prefix(self, int i, object req, list held):
         """Keep what slot i's cache shares with the prompt, or follow a busy slot that holds
@@ -571,6 +604,7 @@ cdef class Engine:
         self.follow[i] = None
         self.slots[i].ctl = NULL
         self.slots[i].state = SLOT_FREE
+        _remove_value(self.admitted, i)
         if r is None or error is not None:
             _seq_rm(&self.core.st, i, -1, -1)
             self.cached[i] = []

@@ -208,8 +208,8 @@ class Reranker:
 class Engine:
     n_parallel: int
     def __init__(self, model: Model, *, n_parallel: int = 8, n_ctx: int | None = None, n_batch: int = 512,
-                 n_threads: int = 0, prompt_chunk: int | None = None, nice: int = 0,
-                 adapters: _Adapters = None) -> None: ...
+                 n_threads: int = 0, prompt_chunk: int | None = None, prompt_group: int | None = None,
+                 nice: int = 0, adapters: _Adapters = None) -> None: ...
     @property
     def adapters(self) -> tuple[tuple[LoraAdapter, float], ...]: ...
     @property

@@ -92,6 +92,7 @@ cdef class Model:
     cdef mullama_file_guard guard   # the mapped file as loaded; checked before every decode
     cdef object _chat           # its _ChatTemplates, made at the first use
     cdef bint _rpc              # some layers are on RPC servers (their loss ends its use)
+    cdef bint _offloaded        # some layers are on a GPU or an RPC server, not this CPU
 
     def __cinit__(self):
         self.ptr = NULL
@@ -222,6 +223,10 @@ cdef class Model:
         model.ptr = ptr
         model._vocab_only = vocab_only
         model._rpc = rpc is not None
+        cdef vector[ggml_backend_dev_t] gpus
+        if rpc is None:
+            _local_gpus(gpus)
+        model._offloaded = n_gpu_layers != 0 and (rpc is not None or gpus.size() > 0)
         model.vocab = llama_model_get_vocab(ptr)
         model._n_vocab = llama_vocab_n_tokens(model.vocab)
         model.path = fspath

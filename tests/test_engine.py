@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -326,3 +327,33 @@ def test_a_follower_whose_leader_is_cancelled_still_completes(smollm):
         stream.read()
     assert stream.finish_reason in ("length", "stop") and stream.logprobs
     assert _like_alone(smollm, prompts[1], _first_top(stream.logprobs), LOGPROBS)
+
+
+def _steps_to_serve_at_once(model, prompts, greedy, **engine_args):
+    """Engine steps taken to serve prompts (token ids) that all reach the engine in one round:
+    the GIL stays with this thread while it submits them, so the idle engine thread, woken by
+    the first, can look at the queue only after the last."""
+    with mullama.Engine(model, n_parallel=len(prompts), n_ctx=1024 * len(prompts), **engine_args) as e:
+        e.generate("Hello", 1, greedy)
+        before = e.stats()["steps"]
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(60.0)
+        try:
+            requests = [e.submit(p, 1, greedy) for p in prompts]
+        finally:
+            sys.setswitchinterval(interval)
+        texts = [mullama.EngineStream(r, e).read() for r in requests]
+        return e.stats()["steps"] - before, texts
+
+
+def test_prompts_share_a_step_only_within_prompt_group(smollm, greedy):
+    prompts = [smollm.tokenize(f"{i}. The river runs past the old mill and the stone bridge.") for i in range(4)]
+    assert all(20 > len(p) > 8 for p in prompts)
+    together, texts = _steps_to_serve_at_once(smollm, prompts, greedy, prompt_group=1024)
+    apart, texts_apart = _steps_to_serve_at_once(smollm, prompts, greedy, prompt_group=8)
+    assert apart == together + 3   # one prompt per step, oldest first, instead of all four in one
+    assert texts_apart == texts
+    pairs, _ = _steps_to_serve_at_once(smollm, prompts, greedy, prompt_group=2 * max(map(len, prompts)))
+    assert pairs == together + 1
+    with pytest.raises(mullama.InvalidArgumentError, match="prompt_group"):
+        mullama.Engine(smollm, n_parallel=2, prompt_group=0)
