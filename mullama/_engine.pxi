@@ -73,13 +73,27 @@ cdef struct ESlot:
     bint sampled              # a token was generated this step
 
 
+cdef int _shortest_prompt(ESlot * slots, vector[int] & admitted) noexcept nogil:
+    """The slot still decoding its prompt, and not yet in this step, with the fewest prompt
+    tokens left; the earliest admitted among equals. -1 if none."""
+    cdef size_t a
+    cdef int i, left, best = -1, best_left = 0
+    for a in range(admitted.size()):
+        i = admitted[a]
+        left = slots[i].n_prompt - slots[i].prompt_pos
+        if slots[i].state != SLOT_PROMPT or slots[i].step_take > 0 or left <= 0:
+            continue
+        if best < 0 or left < best_left:
+            best, best_left = i, left
+    return best
+
+
 cdef int _engine_step(NativeState * st, const llama_vocab * vocab, ESlot * slots, int n_slots,
                       vector[vector[llama_token]] & prompts, vector[int] & admitted, int n_batch,
                       int prompt_chunk, int prompt_group, int n_ctx_seq, Decoded * decoded) noexcept nogil:
     """One decode for all running slots. Returns the batch size (0: nothing to do). A decode
     that does not succeed leaves its status in *decoded and the slots in the batch unchanged."""
     cdef int i, k, take, n = 0, prompt_n = 0
-    cdef size_t a
     cdef ESlot * s
     cdef llama_token tok
     cdef Choice chosen
@@ -102,17 +116,15 @@ cdef int _engine_step(NativeState * st, const llama_vocab * vocab, ESlot * slots
         s.batch_idx = n
         s.step_take = 1
         n += 1
-    # Prompt chunks fill what the running sequences leave, so they keep producing tokens; the
-    # oldest prompt first, and a further one only if the step's prompt tokens stay within
-    # prompt_group (where a step's time grows with its tokens, decoding prompts together only
-    # delays the first tokens of the earlier ones).
-    for a in range(admitted.size()):
-        i = admitted[a]
-        s = &slots[i]
-        if s.state != SLOT_PROMPT:
-            continue
-        if n >= n_batch:
+    # Prompt chunks fill what the running sequences leave, so they keep producing tokens: the
+    # prompt with the fewest tokens left first (then the oldest), and a further one only if the
+    # step's prompt tokens stay within prompt_group (where a step's time grows with its tokens,
+    # decoding prompts together only delays the first tokens of the earlier ones).
+    while n < n_batch:
+        i = _shortest_prompt(slots, admitted)
+        if i < 0:
             break
+        s = &slots[i]
         take = s.n_prompt - s.prompt_pos
         if take > prompt_chunk:
             take = prompt_chunk
@@ -173,11 +185,11 @@ cdef class Engine:
     """Continuous batching: one model, many concurrent requests, one decode per step.
 
     ``n_parallel`` requests run at once, each in its own sequence of ``n_ctx // n_parallel``
-    tokens; more wait in arrival order. Prompts are decoded oldest first, in chunks of at most
-    ``prompt_chunk`` tokens beside the running sequences' next tokens; a step takes in a further
-    prompt only if its prompt tokens stay within ``prompt_group`` (default 16 on a CPU,
-    where decoding prompts together only delays the first tokens of the earlier ones, and
-    ``n_batch`` when the model's layers are on a GPU). ``nice`` lowers the engine thread's
+    tokens; more wait in arrival order. Prompts are decoded beside the running sequences' next
+    tokens, in chunks of at most ``prompt_chunk`` tokens, the prompt with the fewest tokens left
+    first; a step takes in a further prompt only if its prompt tokens stay within
+    ``prompt_group`` (default 16 on a CPU, where decoding prompts together only delays the first
+    tokens of the earlier ones, and ``n_batch`` when the model's layers are on a GPU). ``nice`` lowers the engine thread's
     priority (and that of its compute threads) so that an event loop in the same process stays
     responsive. ``generate`` and ``stream`` may be called from many threads at once;
     :class:`mullama.aio.AsyncEngine` is the async front.

@@ -329,31 +329,50 @@ def test_a_follower_whose_leader_is_cancelled_still_completes(smollm):
     assert _like_alone(smollm, prompts[1], _first_top(stream.logprobs), LOGPROBS)
 
 
-def _steps_to_serve_at_once(model, prompts, greedy, **engine_args):
-    """Engine steps taken to serve prompts (token ids) that all reach the engine in one round:
-    the GIL stays with this thread while it submits them, so the idle engine thread, woken by
-    the first, can look at the queue only after the last."""
+def _first_piece_steps(model, prompts, greedy, **engine_args):
+    """The engine step (counted from 1) at which each prompt's first piece came, for prompts
+    (token ids) that all reach the engine in one round, and their texts. The GIL stays with this
+    thread while it submits them, so the idle engine thread, woken by the first, looks at the
+    queue only after the last."""
     with mullama.Engine(model, n_parallel=len(prompts), n_ctx=1024 * len(prompts), **engine_args) as e:
         e.generate("Hello", 1, greedy)
         before = e.stats()["steps"]
+        firsts = [0] * len(prompts)
+
+        def waker(k):
+            def wake():   # on the engine thread, as it hands out the piece
+                firsts[k] = e.stats()["steps"] - before
+            return wake
+
         interval = sys.getswitchinterval()
         sys.setswitchinterval(60.0)
         try:
             requests = [e.submit(p, 1, greedy) for p in prompts]
+            for k, r in enumerate(requests):
+                r.waker = waker(k)
         finally:
             sys.setswitchinterval(interval)
         texts = [mullama.EngineStream(r, e).read() for r in requests]
-        return e.stats()["steps"] - before, texts
+        return firsts, texts
 
 
-def test_prompts_share_a_step_only_within_prompt_group(smollm, greedy):
+def test_prompts_arriving_together_share_a_step_only_within_prompt_group(smollm, greedy):
     prompts = [smollm.tokenize(f"{i}. The river runs past the old mill and the stone bridge.") for i in range(4)]
-    assert all(20 > len(p) > 8 for p in prompts)
-    together, texts = _steps_to_serve_at_once(smollm, prompts, greedy, prompt_group=1024)
-    apart, texts_apart = _steps_to_serve_at_once(smollm, prompts, greedy, prompt_group=8)
-    assert apart == together + 3   # one prompt per step, oldest first, instead of all four in one
+    assert len({len(p) for p in prompts}) == 1 and 20 > len(prompts[0]) > 8
+    together, texts = _first_piece_steps(smollm, prompts, greedy, prompt_group=1024)
+    assert together == [1, 1, 1, 1]
+    apart, texts_apart = _first_piece_steps(smollm, prompts, greedy, prompt_group=8)
+    assert apart == [1, 2, 3, 4]   # one prompt per step, the oldest first among equals
     assert texts_apart == texts
-    pairs, _ = _steps_to_serve_at_once(smollm, prompts, greedy, prompt_group=2 * max(map(len, prompts)))
-    assert pairs == together + 1
+    pairs, _ = _first_piece_steps(smollm, prompts, greedy, prompt_group=2 * len(prompts[0]))
+    assert pairs == [1, 1, 2, 2]
     with pytest.raises(mullama.InvalidArgumentError, match="prompt_group"):
         mullama.Engine(smollm, n_parallel=2, prompt_group=0)
+
+
+def test_a_short_prompt_goes_before_a_long_one_that_came_first(smollm, greedy):
+    long = smollm.tokenize("The river runs past the old mill and the stone bridge. " * 12)
+    short = smollm.tokenize("Water boils at")
+    assert 3 * 64 >= len(long) > 2 * 64
+    firsts, _ = _first_piece_steps(smollm, [long, short], greedy, prompt_chunk=64, prompt_group=16)
+    assert firsts == [4, 1]   # the long prompt takes three chunks of 64 after the short one
