@@ -106,6 +106,7 @@ llm = llama_cpp.Llama(cfg["model"], n_ctx=cfg.get("n_ctx", 2048), n_batch=512, n
 llm.create_completion("Hello", max_tokens=1)
 if kind == "pp":
     toks = cfg["tokens"]
+    llm.eval(toks)   # llama-bench's warm-up: the same prompt once
     res = []
     for _ in range(cfg["reps"]):
         llm.reset(); llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
@@ -157,7 +158,7 @@ def bench_pp(t: Table, model_path, tools, lcp_py, reps):
     mine, peer, other = [], [], []
     for _ in range(reps):
         with mullama.Context(model, n_ctx=2048, n_batch=512, n_threads=THREADS) as ctx:
-            ctx.generate("Hello", 1)     # the same warm-up every system gets
+            ctx.generate_from_tokens(toks, max_tokens=0)   # llama-bench's warm-up: the same prompt once
             ctx.clear_cache()
             t0 = time.perf_counter()
             ctx.generate_from_tokens(toks, max_tokens=0)
