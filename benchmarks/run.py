@@ -478,51 +478,65 @@ def bench_busy(t: Table, model_path, reps, n=32):
           f"engine/sync {median(engine_s) / median(sync_s):.2f}", flush=True)
 
 
-def bench_engine(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128):
+def _engine_run(engine, prompts, n, width):
+    """Prompt and generated tokens per second of `width` streams at once, a thread each."""
+    params = mullama.SamplerParams(temperature=0.0, penalty_repeat=1.0)
+
+    def run(i):
+        with engine.stream_from_tokens(prompts[i], n, params) as s:
+            for _p in s:
+                pass
+
+    before = engine.stats()["generated_tokens"]
+    t0 = time.perf_counter()
+    ths = [threading.Thread(target=run, args=(i,)) for i in range(width)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    dt = time.perf_counter() - t0
+    return (width * len(prompts[0]) + engine.stats()["generated_tokens"] - before) / dt
+
+
+def _serial_run(model, prompts, n):
+    """The same requests one after another in one Context: what a serialized server does."""
+    params = mullama.SamplerParams(temperature=0.0, penalty_repeat=1.0)
+    with mullama.Context(model, n_ctx=1024, n_threads=THREADS) as ctx:
+        t0 = time.perf_counter()
+        k = 0
+        for p in prompts:
+            ctx.clear_cache()
+            ctx.generate_from_tokens(p, n, params)
+            k += len(p) + generated(ctx, len(p))
+        return k / (time.perf_counter() - t0)
+
+
+def bench_engine(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128, n_prompt=10):
+    """The Engine against llama-batched-bench: streams of n_prompt prompt tokens and n generated
+    tokens each, both counted, as llama-batched-bench's "speed" counts them (it decodes random
+    tokens without sampling; greedy text here does not end before n tokens)."""
     model = mullama.Model.load(model_path)
     g = mullama.sampler_params_greedy()
-    prompts = [f"Once upon a time, in a city called Town{i}," for i in range(8)]   # none ends before 128
+    prompts = [model.tokenize(f"{i}. Once upon a time, in a city called Town,")[:n_prompt] for i in range(8)]
+    workload = f"engine, {{}} streams x ({n_prompt} prompt + {n} generated) tokens (tok/s)"
     with mullama.Engine(model, n_parallel=8, n_ctx=8 * 512, n_batch=512, n_threads=THREADS) as engine:
         for width in widths:
-            mine, peer = [], []
+            mine, peer, ser = [], [], []
             for _ in range(reps):
-                results = [0] * width
-
-                def run(i):
-                    with engine.stream(prompts[i], n, mullama.SamplerParams(temperature=0.0, penalty_repeat=1.0)) as s:
-                        for _p in s:
-                            pass
-                    results[i] = 1
-
-                before = engine.stats()["generated_tokens"]
-                t0 = time.perf_counter()
-                ths = [threading.Thread(target=run, args=(i,)) for i in range(width)]
-                for th in ths:
-                    th.start()
-                for th in ths:
-                    th.join()
-                dt = time.perf_counter() - t0
-                mine.append((engine.stats()["generated_tokens"] - before) / dt)
+                mine.append(_engine_run(engine, prompts, n, width))
                 out = subprocess.run([str(tools["llama-batched-bench"]), "-m", str(model_path), "-c", "4096", "-b", "512",
-                                      "-npp", "10", "-ntg", str(n), "-npl", str(width), "-t", str(THREADS), "--output-format", "jsonl"],
+                                      "-npp", str(n_prompt), "-ntg", str(n), "-npl", str(width), "-t", str(THREADS),
+                                      "--output-format", "jsonl"],
                                      capture_output=True, text=True, timeout=600).stdout
                 rec = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
                 if rec:
-                    peer.append(rec[-1]["speed_tg"])
-            t.add(f"engine, {width} streams x {n} tokens (tok/s)", "mullama Engine", mine, "tok/s")
-            t.add(f"engine, {width} streams x {n} tokens (tok/s)", "llama-batched-bench", peer, "tok/s")
-        # the same 8 requests one after another: what a serialized server does
-        ser = []
-        for _ in range(reps):
-            with mullama.Context(model, n_ctx=1024, n_threads=THREADS) as ctx:
-                t0 = time.perf_counter()
-                k = 0
-                for p in prompts:
-                    ctx.clear_cache()
-                    ctx.generate(p, n, mullama.SamplerParams(temperature=0.0, penalty_repeat=1.0))
-                    k += generated(ctx, len(model.tokenize(p)))
-                ser.append(k / (time.perf_counter() - t0))
-        t.add(f"engine, 8 streams x {n} tokens (tok/s)", "8 requests served serially", ser, "tok/s")
+                    peer.append(rec[-1]["speed"])
+                if width == max(widths):
+                    ser.append(_serial_run(model, prompts[:width], n))
+            t.add(workload.format(width), "mullama Engine", mine, "tok/s")
+            t.add(workload.format(width), "llama-batched-bench", peer, "tok/s")
+            if ser:
+                t.add(workload.format(width), f"{width} requests served serially", ser, "tok/s")
         # time to first token of a new request while 7 run, vs alone
         alone, busy = [], []
         for _ in range(reps):
@@ -530,8 +544,7 @@ def bench_engine(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128):
             with engine.stream("Hello there, how are", 1, g) as s:
                 next(s, None)
             alone.append(time.perf_counter() - t0)
-            stop = threading.Event()
-            streams = [engine.stream(prompts[i], 4000, mullama.SamplerParams(seed=i + 1)) for i in range(7)]
+            streams = [engine.stream_from_tokens(prompts[i], 4000, mullama.SamplerParams(seed=i + 1)) for i in range(7)]
             for s in streams:
                 next(s, None)
             t0 = time.perf_counter()
@@ -540,7 +553,6 @@ def bench_engine(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128):
             busy.append(time.perf_counter() - t0)
             for s in streams:
                 s.close()
-            stop.set()
         t.add("engine TTFT of a new request (ms)", "alone", [x * 1000 for x in alone], "ms")
         t.add("engine TTFT of a new request (ms)", "while 7 streams run", [x * 1000 for x in busy], "ms")
 

@@ -75,6 +75,13 @@ def _servers(model_path, tools):
             "llama-server -np 8": (peer, f"http://127.0.0.1:{sport}")}
 
 
+def _turns(servers: dict, rep: int) -> list:
+    """The servers in the order they take their turns in repetition rep: each goes first
+    in every other one."""
+    order = list(servers.items())
+    return order if rep % 2 == 0 else order[::-1]
+
+
 def _widths(t: Table, servers, reps, widths, n):
     """Throughput and TTFT; the systems take turns within each repetition."""
     procs = [proc for proc, _ in servers.values()]
@@ -82,13 +89,13 @@ def _widths(t: Table, servers, reps, widths, n):
     for width in widths:
         rates: dict = {s: [] for s in servers}
         ttfts: dict = {s: [] for s in servers}
-        for _ in range(reps):
+        for rep in range(reps):
             # The same prompts for both servers (greedy: the same texts, and the same early ends of
             # generation), none of them sent twice to a server in the run, and two share at most
             # their first digits: no server reuses more than a token or two of an earlier prompt.
             bodies = [{"prompt": f"{next(numbers)}. Once upon a time, in a city called Town,", "max_tokens": n,
                        "temperature": 0.0, "repeat_penalty": 1.0} for _ in range(width)]
-            for name, (_, base) in servers.items():
+            for name, (_, base) in _turns(servers, rep):
                 _quiet(*procs)
                 rate, firsts = _together(base, bodies)
                 rates[name].append(rate)
@@ -106,7 +113,7 @@ def _second_turn(t: Table, servers, reps):
     seconds: dict = {s: [] for s in servers}
     procs = [proc for proc, _ in servers.values()]
     for rep in range(reps):
-        for name, (_, base) in servers.items():
+        for name, (_, base) in _turns(servers, rep):
             import httpx
 
             msgs = [{"role": "user", "content": f"Story {rep} {name}. " + FILLER * 14 + "What grows by the bridge?"}]
