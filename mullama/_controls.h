@@ -46,6 +46,7 @@ struct mullama_controls {
     llama_sampler * grammar = nullptr;   /* owned; NULL without a grammar */
     int n_vocab = 0;
     bool want_logprobs = false;
+    bool argmax = false;                 /* the chain is greedy alone: mullama_argmax is its choice */
     int n_probs = 0;
     std::vector<std::string> stops;
     std::vector<llama_token> preserved;  /* sorted: special tokens whose text is part of the output */
@@ -96,6 +97,26 @@ static inline void mullama_record(mullama_controls * c, const float * row) {
     info.logprob = lse;   /* turned into the chosen token's log-probability once it is known */
 }
 
+/* The token llama.cpp's greedy sampler picks from a full candidate array (the first highest
+   logit; NaNs never win unless at index 0), without writing that array: the largest value in
+   eight lanes the compiler can vectorize, then its first index. */
+static inline llama_token mullama_argmax(const float * row, size_t n) {
+    if (n == 0 || std::isnan(row[0])) return 0;
+    float lane[8];
+    for (int j = 0; j < 8; j++) lane[j] = row[0];
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int j = 0; j < 8; j++) lane[j] = row[i + j] > lane[j] ? row[i + j] : lane[j];
+    }
+    float mx = lane[0];
+    for (int j = 1; j < 8; j++) mx = lane[j] > mx ? lane[j] : mx;
+    for (; i < n; i++) mx = row[i] > mx ? row[i] : mx;
+    for (i = 0; i < n; i++) {
+        if (row[i] == mx) return (llama_token) i;
+    }
+    return 0;
+}
+
 /* Choose the next token from a logits row. As llama.cpp's common sampler does, the chain picks
    a token first and the grammar only checks it; when the grammar refuses it, the grammar
    constrains the whole vocabulary and the chain picks again. */
@@ -103,10 +124,15 @@ static inline int mullama_choose(mullama_controls * c, const float * row, llama_
     try {
         llama_token_data_array arr;
         if (c->want_logprobs) mullama_record(c, row);
-        mullama_fill(c, row, &arr);
-        llama_sampler_apply(c->chain, &arr);
-        if (arr.selected < 0) return MULLAMA_NO_CHOICE;   /* a bias banned every token */
-        llama_token tok = arr.data[arr.selected].id;
+        llama_token tok;
+        if (c->argmax) {
+            tok = mullama_argmax(row, (size_t) c->n_vocab);
+        } else {
+            mullama_fill(c, row, &arr);
+            llama_sampler_apply(c->chain, &arr);
+            if (arr.selected < 0) return MULLAMA_NO_CHOICE;   /* a bias banned every token */
+            tok = arr.data[arr.selected].id;
+        }
         if (c->grammar) {
             llama_token_data one = {tok, 1.0f, 0.0f};
             llama_token_data_array single = {&one, 1, -1, false};

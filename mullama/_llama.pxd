@@ -311,6 +311,7 @@ cdef extern from "llama.h" nogil:
 
     llama_sampler * llama_sampler_chain_init(llama_sampler_chain_params params)
     void llama_sampler_chain_add(llama_sampler * chain, llama_sampler * smpl)
+    int llama_sampler_chain_n(const llama_sampler * chain)
     void llama_sampler_free(llama_sampler * smpl)
     void llama_sampler_reset(llama_sampler * smpl)
     void llama_sampler_accept(llama_sampler * smpl, llama_token token)

@@ -25,6 +25,7 @@ cdef extern from "_controls.h" nogil:
         llama_sampler * chain
         llama_sampler * grammar
         bint want_logprobs
+        bint argmax
         int n_probs
         vector[string] stops
         vector[llama_token] preserved
@@ -116,6 +117,7 @@ cdef mullama_controls * _make_controls(object params, Model model, int n_ctx) ex
     cdef mullama_controls * c = new mullama_controls()
     try:
         c.chain = _make_chain(params, model, n_ctx, bias)
+        c.argmax = params.temperature == 0 and llama_sampler_chain_n(c.chain) == 1
         if grammar is not None:
             c.grammar = _make_grammar(grammar, model, params)
         for t in sorted(set(_token_ids(params.preserved_tokens, "preserved_tokens", model._n_vocab))):
