@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+from asyncio import _get_running_loop as _asyncio_running_loop
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -76,6 +77,8 @@ class _LoopBound:
     _loop_lock = threading.Lock()
 
     def _bind_loop(self) -> None:
+        if self._loop is not None and self._loop is _asyncio_running_loop():
+            return   # the asyncio loop it is bound to: checked without looking up the library
         loop = _running_loop()
         with self._loop_lock:
             if self._loop is None or self._loop is loop or _loop_finished(self._loop):
@@ -93,19 +96,32 @@ def _check_buffer(buffer: object) -> int:
     return buffer
 
 
-def _loop_waker() -> Callable[[Callable[[], object]], None]:
-    """A thread-safe, non-blocking way to run a callback in the current event loop's thread."""
-    loop = _running_loop()
-    call: Callable[[Callable[[], object]], object]
-    call = loop.call_soon_threadsafe if hasattr(loop, "call_soon_threadsafe") else loop.run_sync_soon
+class _Waker:
+    """A thread-safe, non-blocking way to run a callback in the current event loop's thread,
+    and the cheapest event of that loop for a task to wait on (an asyncio loop's own: anyio's
+    looks up the running library every time it is made, once per piece of a stream)."""
 
-    def wake(fn: Callable[[], object]) -> None:
+    __slots__ = ("_call", "event")
+
+    def __init__(self) -> None:
+        loop = _running_loop()
+        if hasattr(loop, "call_soon_threadsafe"):
+            import asyncio
+
+            self._call = loop.call_soon_threadsafe
+            self.event: Callable[[], Any] = asyncio.Event
+        else:
+            self._call = loop.run_sync_soon
+            self.event = anyio.Event
+
+    def __call__(self, fn: Callable[[], object]) -> None:
         try:
-            call(fn)
+            self._call(fn)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
-    return wake
+
+_loop_waker = _Waker
 
 
 def _yield_cpu_to_the_event_loop() -> None:
@@ -195,14 +211,14 @@ async def load_model(path: Any, **params: Any) -> Model:
     return await _run_in_thread(lambda: Model.load(path, **params))
 
 
-async def _next_from(buf: PieceBuffer, wake: Callable[[Callable[[], object]], None]) -> str | None:
+async def _next_from(buf: PieceBuffer, wake: _Waker) -> str | None:
     """The next piece of buf, None at the end, awaiting the producer's notice when it has none."""
     while True:
         with buf.cond:
             try:
                 return buf.take()
             except BlockingIOError:
-                event = anyio.Event()
+                event = wake.event()
                 buf.waker = lambda: wake(event.set)
         await event.wait()
 
