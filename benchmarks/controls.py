@@ -56,7 +56,7 @@ def bench_previous(t: Table, model_path, reps, n=128):
         prev += _tg(old, model_path, n, 1)
     w = f"generation {n} greedy, no controls (tok/s)"
     t.add(w, "mullama", mine, "tok/s")
-    t.add(w, f"mullama {peers.PREVIOUS} (previous)", prev, "tok/s")
+    t.add(w, f"previous release ({peers.PREVIOUS})", prev, "tok/s")
 
 
 def bench_grammar(t: Table, model_path, tools, reps, n=128):
