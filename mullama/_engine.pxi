@@ -188,11 +188,11 @@ cdef class Engine:
     tokens; more wait in arrival order. Prompts are decoded beside the running sequences' next
     tokens, in chunks of at most ``prompt_chunk`` tokens, the prompt with the fewest tokens left
     first; a step takes in a further prompt only if its prompt tokens stay within
-    ``prompt_group`` (default 16 on a CPU, where decoding prompts together only delays the first
-    tokens of the earlier ones, and ``n_batch`` when the model's layers are on a GPU). ``nice`` lowers the engine thread's
-    priority (and that of its compute threads) so that an event loop in the same process stays
-    responsive. ``generate`` and ``stream`` may be called from many threads at once;
-    :class:`mullama.aio.AsyncEngine` is the async front.
+    ``prompt_group`` (default 16 on a CPU, where decoding prompts together only delays the
+    first tokens of the earlier ones, and ``n_batch`` when the model's layers are on a GPU).
+    ``nice`` lowers the engine thread's priority (and that of its compute threads) so that an
+    event loop in the same process stays responsive. ``generate`` and ``stream`` may be called
+    from many threads at once; :class:`mullama.aio.AsyncEngine` is the async front.
 
     >>> with Engine(model, n_parallel=4) as engine:                    # doctest: +SKIP
     ...     print(engine.generate("The capital of France is", 8))
