@@ -16,10 +16,10 @@ within one token and frees the context for the next caller.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import threading
-from asyncio import _get_running_loop as _asyncio_running_loop
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -45,8 +45,6 @@ def _running_loop() -> Any:
     except sniffio.AsyncLibraryNotFoundError:
         raise WrongEventLoopError("mullama.aio is used from async code: no event loop is running here") from None
     if lib == "asyncio":
-        import asyncio
-
         return asyncio.get_running_loop()
     if lib == "trio":
         import trio
@@ -77,7 +75,7 @@ class _LoopBound:
     _loop_lock = threading.Lock()
 
     def _bind_loop(self) -> None:
-        if self._loop is not None and self._loop is _asyncio_running_loop():
+        if self._loop is not None and self._loop is asyncio._get_running_loop():
             return   # the asyncio loop it is bound to: checked without looking up the library
         loop = _running_loop()
         with self._loop_lock:
@@ -106,8 +104,6 @@ class _Waker:
     def __init__(self) -> None:
         loop = _running_loop()
         if hasattr(loop, "call_soon_threadsafe"):
-            import asyncio
-
             self._call = loop.call_soon_threadsafe
             self.event: Callable[[], Any] = asyncio.Event
         else:
@@ -119,9 +115,6 @@ class _Waker:
             self._call(fn)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
-
-
-_loop_waker = _Waker
 
 
 def _yield_cpu_to_the_event_loop() -> None:
@@ -179,7 +172,7 @@ class _Turnstile:
 
 async def _run_in_thread(fn: Callable[[], T], cancel: Callable[[], None] | None = None) -> T:
     """Run fn in a new worker thread; on cancellation call cancel() and wait for the thread."""
-    wake = _loop_waker()
+    wake = _Waker()
     done = anyio.Event()
     box: dict[str, Any] = {}
 
@@ -233,7 +226,7 @@ class _StreamWorker:
         self.sync = stream
         self.buf = buf
         self.ended = anyio.Event()
-        self.wake = _loop_waker()
+        self.wake = _Waker()
 
     def work(self) -> None:
         _yield_cpu_to_the_event_loop()
@@ -643,7 +636,7 @@ class AsyncEngineStream(RequestView):
     def __init__(self, request: EngineRequest, owner: AsyncEngine) -> None:
         self._request = request   # submitted: the engine works on it from now on
         self._owner = owner       # keeps the engine alive; its event loop is this stream's
-        self._wake = _loop_waker()
+        self._wake = _Waker()
         self._reading = False
 
     def __aiter__(self) -> AsyncEngineStream:
