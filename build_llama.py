@@ -152,7 +152,31 @@ class Settings:
         ]
         for name, option in SANITIZERS.items():
             args.append(f"-D{option}={onoff(name in self.sanitize)}")
+        if self.native and NO_AMX:
+            args += [f"-DCMAKE_C_FLAGS={without_amx('CFLAGS')}", f"-DCMAKE_CXX_FLAGS={without_amx('CXXFLAGS')}"]
         return args
+
+
+def _no_amx() -> list[str]:
+    """The compiler flags that keep -march=native from building ggml's AMX kernels: in the
+    pinned release they crash the first batch of two or more tokens on some Intel Xeons with
+    AMX (llama.cpp's own llama-bench included; upstream issue 20824). Empty where the compiler
+    has no such flags (and so no AMX to turn off)."""
+    flags = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+    cxx = os.environ.get("CXX") or "c++"
+    try:
+        probe = subprocess.run([cxx, *flags, "-x", "c++", "-E", "-"], input=b"", capture_output=True)
+    except OSError:
+        return []
+    return flags if probe.returncode == 0 else []
+
+
+NO_AMX = _no_amx()
+
+
+def without_amx(var: str) -> str:
+    """The compiler flags in environment variable var (CFLAGS, CXXFLAGS) and NO_AMX."""
+    return " ".join([os.environ.get(var, ""), *NO_AMX]).strip()
 
 
 def _run(cmd: list[str], **kw) -> None:
@@ -304,9 +328,6 @@ def ensure_built(settings: Settings | None = None) -> BuiltLlama:
     settings = settings or Settings.from_env()
     if settings.pinned:
         fetch_pinned_source(settings.source_dir)
-    cmake = shutil.which("cmake")
-    if not cmake:
-        raise BuildConfigError("cmake is not on PATH; install it (pip install cmake) and retry")
     args = settings.cmake_args()
     key_src = json.dumps({
         "source": source_hash(settings.source_dir),
@@ -323,6 +344,7 @@ def ensure_built(settings: Settings | None = None) -> BuiltLlama:
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(settings.cache_dir / f"llama-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two concurrent installs share one build
+        source_link = _link_source(build_dir, settings.source_dir)
         if stamp.is_file():
             built = BuiltLlama.from_json(stamp.read_text())
             if all(p.is_file() for p in built.libraries):
@@ -339,7 +361,8 @@ def ensure_built(settings: Settings | None = None) -> BuiltLlama:
                 launcher.append("-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache")
         t0 = time.monotonic()
         cmake_dir = build_dir / "cmake"
-        _run([cmake, "-S", str(settings.source_dir), "-B", str(cmake_dir), *generator, *launcher, *args])
+        cmake = _cmake()
+        _run([cmake, "-S", str(source_link), "-B", str(cmake_dir), *generator, *launcher, *args])
         jobs = str(os.cpu_count() or 2)
         targets = ["llama", "ggml", "llama-common", "ggml-rpc"] + (["ggml-cuda"] if settings.cuda else [])
         _run([cmake, "--build", str(cmake_dir), "--config", "Release", "-j", jobs, "--target", *targets])
@@ -358,6 +381,52 @@ def ensure_built(settings: Settings | None = None) -> BuiltLlama:
         return built
 
 
+def _cmake() -> str:
+    """cmake on PATH, else the one of the ``cmake`` package installed beside this Python."""
+    found = shutil.which("cmake")
+    if found:
+        return found
+    try:
+        import cmake as cmake_package   # the PyPI package: its binary is not always on PATH
+    except ImportError:
+        raise BuildConfigError("cmake is not on PATH; install it (pip install cmake) and retry") from None
+    return str(Path(cmake_package.CMAKE_BIN_DIR) / "cmake")
+
+
+def _link_source(build_dir: Path, source: Path) -> Path:
+    """The path CMake is given for the source tree: a link in the cached build, pointed at this
+    checkout's tree when the one it names is gone, so that the build outlives the checkout
+    that configured it (all checkouts with this source hash hold the same files)."""
+    link = build_dir / "source"
+    if not (link / "CMakeLists.txt").is_file():
+        tmp = build_dir / f"source.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(source.resolve(), target_is_directory=True)
+        os.replace(tmp, link)
+    return link
+
+
+def _cache_entry(cmake_dir: Path, name: str) -> str:
+    for line in (cmake_dir / "CMakeCache.txt").read_text(errors="replace").splitlines():
+        if line.startswith(name + ":"):
+            return line.split("=", 1)[1]
+    return ""
+
+
+def _reconfigure_if_stale(cmake_dir: Path) -> None:
+    """A build configured inside pip's temporary build environment names a cmake that is gone
+    once the install is over, and ninja needs it to build further targets: configure the same
+    build again with the cmake at hand (the cache keeps every option; nothing is compiled again)."""
+    home = _cache_entry(cmake_dir, "CMAKE_HOME_DIRECTORY")
+    if not Path(home, "CMakeLists.txt").is_file():
+        raise BuildConfigError(
+            f"the cached llama.cpp build in {cmake_dir} was configured from {home}, which is gone; "
+            f"delete {cmake_dir.parent} and build again"
+        )
+    if not Path(_cache_entry(cmake_dir, "CMAKE_COMMAND")).is_file():
+        _run([_cmake(), "-S", home, "-B", str(cmake_dir)])
+
+
 def build_tool(*names: str, built: BuiltLlama | None = None) -> dict[str, Path]:
     """Build llama.cpp's own programs (llama-server, rpc-server, llama-bench, ...) in the cached
     build of the libraries, so they share its flags and objects; returns name -> executable."""
@@ -368,7 +437,8 @@ def build_tool(*names: str, built: BuiltLlama | None = None) -> dict[str, Path]:
     lock_path = built.build_dir.parent.parent / (built.build_dir.parent.name + ".lock")
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _run(["cmake", "--build", str(built.build_dir), "-j", str(os.cpu_count() or 2), "--target", *names])
+        _reconfigure_if_stale(built.build_dir)
+        _run([_cmake(), "--build", str(built.build_dir), "-j", str(os.cpu_count() or 2), "--target", *names])
     missing = [n for n, p in bins.items() if not p.is_file()]
     if missing:
         raise RuntimeError(f"llama.cpp build finished without {missing}")

@@ -58,3 +58,15 @@ def test_cached_build_is_reused_quickly(vendor_dir):
     assert all(p.is_file() for p in built.libraries)
     assert (built.include_dirs[0] / "llama.h").is_file()
     assert elapsed < 30, f"a cached build took {elapsed:.1f} s"
+
+
+def test_native_builds_leave_out_ggml_amx_kernels():
+    # In the pinned release they crash the first batch of two or more tokens on some Xeons with
+    # AMX, llama.cpp's own llama-bench included; -march=native would otherwise compile them in.
+    # A compiler without the flags (not x86) has no AMX to leave out.
+    args = Settings.from_env({}).cmake_args()
+    assert any(a.startswith("-DCMAKE_CXX_FLAGS=") and "-mno-amx-int8" in a for a in args) == bool(build_llama.NO_AMX)
+    assert not any("AMX" in a for a in Settings.from_env({"MULLAMA_NATIVE": "0"}).cmake_args())
+    import mullama
+
+    assert "AMX_INT8 = 1" not in mullama.system_info()   # the library this test process runs
