@@ -88,6 +88,29 @@ cdef int _shortest_prompt(ESlot * slots, vector[int] & admitted) noexcept nogil:
     return best
 
 
+cdef void _fill_batch(NativeState * st, ESlot * slots, int n_slots,
+                      vector[vector[llama_token]] & prompts) noexcept nogil:
+    """The step's tokens in the order of their sequences: llama.cpp splits a batch into one
+    pass per run of consecutive sequence ids (one cache stream per sequence), in batch order."""
+    cdef int i, k, n = 0
+    cdef ESlot * s
+    for i in range(n_slots):
+        s = &slots[i]
+        if s.step_take == 0:
+            continue
+        if s.state == SLOT_GEN:
+            _batch_put(st, n, s.pending, s.n_past, i, True)
+            s.batch_idx = n
+            n += 1
+            continue
+        for k in range(s.step_take):
+            _batch_put(st, n + k, prompts[i][s.prompt_pos + k], s.prompt_pos + k, i, False)
+        n += s.step_take
+        if s.prompt_pos + s.step_take == s.n_prompt:
+            st.batch.logits[n - 1] = 1
+            s.batch_idx = n - 1
+
+
 cdef int _engine_step(NativeState * st, const llama_vocab * vocab, ESlot * slots, int n_slots,
                       vector[vector[llama_token]] & prompts, vector[int] & admitted, int n_batch,
                       int prompt_chunk, int prompt_group, int n_ctx_seq, Decoded * decoded) noexcept nogil:
@@ -112,8 +135,6 @@ cdef int _engine_step(NativeState * st, const llama_vocab * vocab, ESlot * slots
             s.finish = FINISH_CONTEXT
             s.state = SLOT_DONE
             continue
-        _batch_put(st, n, s.pending, s.n_past, i, True)
-        s.batch_idx = n
         s.step_take = 1
         n += 1
     # Prompt chunks fill what the running sequences leave, so they keep producing tokens: the
@@ -132,14 +153,10 @@ cdef int _engine_step(NativeState * st, const llama_vocab * vocab, ESlot * slots
             take = n_batch - n
         if prompt_n > 0 and prompt_n + take > prompt_group:
             break
-        for k in range(take):
-            _batch_put(st, n + k, prompts[i][s.prompt_pos + k], s.prompt_pos + k, i, False)
-        if s.prompt_pos + take == s.n_prompt:
-            st.batch.logits[n + take - 1] = 1
-            s.batch_idx = n + take - 1
         s.step_take = take
         n += take
         prompt_n += take
+    _fill_batch(st, slots, n_slots, prompts)
     if n == 0:
         return 0
     decoded[0] = _native_decode(st, n)
@@ -387,7 +404,7 @@ cdef class Engine:
         self.core.model._prompt_or_tokens(prompt, toks)
         cdef size_t k
         cdef int held = 0
-        self._pick_slot([toks[k] for k in range(toks.size())], &held)   # the slot the request would get
+        self._cached_slot([toks[k] for k in range(toks.size())], &held)   # what the request would start from
         return held if held >= REUSE_MIN else 0
 
     def stats(self):
@@ -461,21 +478,31 @@ cdef class Engine:
         return False
 
     cdef void _admit(self):
-        """Give waiting requests the free slots, each the one whose cache holds the longest
-        beginning of its prompt; a longer one being decoded by another slot is copied."""
-        cdef int i
+        """Give waiting requests the free slots that keep the busy ones consecutive, each
+        starting from the longest beginning of its prompt that a free slot's cache holds
+        (copied over when it is another slot's); a longer one being decoded by another slot
+        is copied once decoded."""
+        cdef int i, src, common = 0
         while any(r is None for r in self.requests):
             req = self._next_waiting()
             if req is None:
                 return
-            i = self._pick_slot(req.tokens)
-            held, self.cached[i] = self.cached[i], []
+            src = self._cached_slot(req.tokens, &common)
+            if common < REUSE_MIN:
+                src = -1
+            i = self._place(src)
+            if src < 0:
+                src = i
+            held = self.cached[src]
+            self.cached[i] = []
             self._start_slot(i, req)
             if req.saved is not None and not REUSE_MIN <= len(req.saved.tokens) <= _common_prefix(held, req.tokens):
                 self._restore_slot(i, req)
-            else:   # no state, or the slot's own cache holds at least as much as it
-                req.saved = None
-                self._reuse_prefix(i, req, held)
+                continue
+            req.saved = None   # no state, or the cache holds at least as much as it
+            if src != i:
+                self.core.copy_sequence(src, i)   # a stream's copy: a few MB, less than a decode
+            self._reuse_prefix(i, req, held)
 
     cdef object _next_waiting(self):
         while True:
@@ -485,9 +512,9 @@ cdef class Engine:
                 return req
             req.finish("cancelled", GenerationCancelled("the request was cancelled"))
 
-    cdef int _pick_slot(self, list toks, int * prefix=NULL):
-        """The free slot with the longest common prefix (its length in *prefix); among equals,
-        the least cached."""
+    cdef int _cached_slot(self, list toks, int * prefix):
+        """The free slot whose cache holds the longest beginning of toks (its length in
+        *prefix); among equals, the least cached."""
         cdef int i, best = -1, best_common = -1
         for i in range(self.n_slots):
             if self.requests[i] is not None:
@@ -495,8 +522,33 @@ cdef class Engine:
             common = _common_prefix(self.cached[i], toks)
             if common > best_common or (common == best_common and len(self.cached[i]) < len(self.cached[best])):
                 best, best_common = i, common
-        if prefix != NULL:
-            prefix[0] = best_common
+        prefix[0] = best_common
+        return best
+
+    cdef int _runs_with(self, int i):
+        """How many runs of consecutive busy slots there are with slot i busy too."""
+        cdef int j, runs = 0
+        cdef bint busy, before = False
+        for j in range(self.n_slots):
+            busy = j == i or self.requests[j] is not None
+            if busy and not before:
+                runs += 1
+            before = busy
+        return runs
+
+    cdef int _place(self, int cached):
+        """The free slot for a new request. With one cache stream per sequence, llama.cpp
+        decodes a batch in one pass per run of consecutive sequence ids, so the slot that keeps
+        the busy ones in the fewest runs; among equals, the one holding the request's cached
+        prefix (``cached``, or -1), then the least cached."""
+        cdef int i, runs, best = -1, best_runs = self.n_slots + 1
+        for i in range(self.n_slots):
+            if self.requests[i] is not None:
+                continue
+            runs = self._runs_with(i)
+            if runs < best_runs or (runs == best_runs and best != cached and (
+                    i == cached or len(self.cached[i]) < len(self.cached[best]))):
+                best, best_runs = i, runs
         return best
 
     cdef void _start_slot(self, int i, object req):

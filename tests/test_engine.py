@@ -376,3 +376,34 @@ def test_a_short_prompt_goes_before_a_long_one_that_came_first(smollm, greedy):
     assert 3 * 64 >= len(long) > 2 * 64
     firsts, _ = _first_piece_steps(smollm, [long, short], greedy, prompt_chunk=64, prompt_group=16)
     assert firsts == [4, 1]   # the long prompt takes three chunks of 64 after the short one
+
+
+def test_requests_take_consecutive_slots_and_bring_their_cached_prefix(smollm, greedy):
+    # One cache stream per sequence: llama.cpp decodes a batch in one pass per run of consecutive
+    # sequence ids, so requests go where the busy slots stay consecutive, and a cached prefix held
+    # by another free slot is copied there instead of pulling the request away from the others.
+    filler = " The river runs past the old mill, where the miller keeps bees beside the stone bridge."
+    bases = [smollm.tokenize(f"Story {k}." + filler * 3) for k in range(6)]
+    with mullama.Engine(smollm, n_parallel=6, n_ctx=6 * 512) as e:
+        primed = [e.submit(b, 1, greedy) for b in bases]
+        for r in primed:
+            mullama.EngineStream(r, e).read()
+        slot_of = {r.slot: k for k, r in enumerate(primed)}
+        assert sorted(slot_of) == list(range(6))
+        picks = [slot_of[0], slot_of[2], slot_of[4]]   # three free slots, none next to another
+        prompts = [bases[k] + smollm.tokenize(" Then what?", add_bos=False) for k in picks]
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(60.0)   # all three queued before the engine thread looks
+        try:
+            requests = [e.submit(p, 16, greedy) for p in prompts]
+        finally:
+            sys.setswitchinterval(interval)
+        streams = [mullama.EngineStream(r, e) for r in requests]
+        texts = [s.read() for s in streams]
+    slots = sorted(r.slot for r in requests)
+    assert slots == list(range(slots[0], slots[0] + 3)), f"requests in slots {slots}"
+    assert all(s.usage.reused_tokens >= len(bases[0]) - 1 for s in streams)
+    with mullama.Context(smollm, n_ctx=1024) as ctx:
+        for p, text in zip(prompts, texts):
+            ctx.clear_cache()
+            assert text == ctx.generate_from_tokens(p, 16, greedy)
