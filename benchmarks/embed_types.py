@@ -35,7 +35,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = mullama.models._download_folder(spec, Path(tmp))
         gens, rows = {}, {}
-        for outtype in ("f32", "f16", "q8_0"):
+        for outtype in mullama.models.OUTTYPES:
             path = mullama.models.convert(folder, outtype=outtype, out=Path(tmp) / f"{outtype}.gguf")
             gen = mullama.EmbeddingGenerator(mullama.Model.load(path), n_threads=args.threads, flash_attn=args.flash_attn == "on")
             vecs = gen.embed_batch(ref["sentences"])

@@ -27,7 +27,7 @@ __all__ = ["OUTTYPES", "DEFAULT_OUTTYPE", "convert_bert_folder", "read_config"]
 # sentence-transformers' as f32's (least cosine 0.999999 over the reference sentences) at half the
 # size; q8_0 is smaller again but drifts (0.99923), and neither was clearly faster than f16 on
 # this project's CPUs (benchmarks/NOTES.md, "The embedding model's weight type").
-OUTTYPES = ("f32", "f16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 DEFAULT_OUTTYPE = "f16"
 
 # The architectures of config.json that are BERT as llama.cpp's BERT graph computes it. Other
@@ -220,9 +220,9 @@ def convert_bert_folder(folder: Path, out: Path, outtype: str = DEFAULT_OUTTYPE,
         )
 
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     n_layer = config["num_hidden_layers"]
     arch = gguf.MODEL_ARCH.BERT
     tensor_map = gguf.get_tensor_name_map(arch, n_layer)

@@ -768,7 +768,10 @@ cdef class Engine:
     def __dealloc__(self):
         cdef int i
         if self.kick is not None:
-            self.kick.set()   # dropped without close(): the idle engine thread sees it and ends
+            try:
+                self.kick.set()   # dropped without close(): the idle engine thread sees it and ends
+            except AttributeError:
+                pass   # the garbage collector cleared the event with this engine: no thread holds it
         if self.slots != NULL:   # the controls belong to the requests
             free(self.slots)
             self.slots = NULL

@@ -355,8 +355,9 @@ def _folder_key(folder: Path) -> str:
 def convert(folder: str | os.PathLike[str], outtype: str = DEFAULT_OUTTYPE, out: str | os.PathLike[str] | None = None) -> Path:
     """Convert a BERT-family sentence-transformers folder to GGUF, with no PyTorch; return its path.
 
-    ``outtype`` is ``"f16"`` (the default: as accurate as f32 at half the size), ``"f32"`` or
-    ``"q8_0"`` (smaller, slightly less accurate). Without ``out`` the file goes into the cache, keyed by the hash of the files
+    ``outtype`` is ``"f16"`` (the default: as accurate as f32 at half the size), ``"f32"``,
+    ``"bf16"`` (f16's size, f32's range; llama.cpp multiplies it with AVX512-BF16 instructions
+    where the CPU has them) or ``"q8_0"`` (smaller, slightly less accurate). Without ``out`` the file goes into the cache, keyed by the hash of the files
     the converter reads, and a second call returns it without converting again. The file
     appears by rename, whole or not at all.
 
