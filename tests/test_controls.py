@@ -152,7 +152,8 @@ def test_output_under_a_vendored_grammar_matches_its_pattern(ctx, name):
 
 def test_a_grammar_that_never_ends_stops_at_max_tokens(ctx):
     c = ctx.complete("Say it:", 12, greedy(grammar='root ::= "ab" root'))
-    assert c.finish_reason == "length" and c.text == "ab" * (len(c.text) // 2) and c.text
+    # Cut at max_tokens: a beginning of "abab...", which may end inside an "ab" (a token "a").
+    assert c.finish_reason == "length" and re.fullmatch("(ab)+a?", c.text), c.text
 
 
 def test_a_grammar_with_no_way_forward_ends_with_reason_grammar(ctx, smollm):
