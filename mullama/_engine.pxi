@@ -116,7 +116,7 @@ cdef int _engine_step(NativeState * st, const llama_vocab * vocab, ESlot * slots
                       int prompt_chunk, int prompt_group, int n_ctx_seq, Decoded * decoded) noexcept nogil:
     """One decode for all running slots. Returns the batch size (0: nothing to do). A decode
     that does not succeed leaves its status in *decoded and the slots in the batch unchanged."""
-    cdef int i, k, take, n = 0, prompt_n = 0
+    cdef int i, take, n = 0, prompt_n = 0
     cdef ESlot * s
     cdef llama_token tok
     cdef Choice chosen
