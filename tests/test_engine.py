@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -220,8 +221,10 @@ def test_async_engine_streams_and_cancels(smollm, solo, greedy, backend):
 # the text the Engine gives for "The capital of France is" among concurrent requests, and four
 # identical concurrent requests give the solo text: llama.cpp's arithmetic differs between those
 # batch shapes, and this small model's greedy choice is close enough to flip. SmolLM2 (Q4_1) does
-# not flip on these prompts. So on Gemma the test asserts the known difference: the day llama.cpp
-# makes it go away, the test fails and the special case must go.
+# not flip on these prompts. Which shapes concurrent prompts get depends on when each arrives, and
+# on an AVX-512 machine the four texts also came out equal to the solo ones, so on Gemma the test
+# asks only that each text is its own prompt's: it begins as that prompt's solo text does, longer
+# than it agrees with any other prompt's.
 BATCH_SHAPE_SENSITIVE = {"gemma-3-270m"}
 
 
@@ -238,8 +241,9 @@ def test_concurrent_greedy_equals_served_alone_on_each_architecture(generator, g
     assert one_by_one == [alone[p] for p in PROMPTS[:4]]   # the Engine alone is the Context
     together = [results[i] for i in range(4)]
     if generator_name in BATCH_SHAPE_SENSITIVE:
-        assert together != [alone[p] for p in PROMPTS[:4]]
-        assert all(t.strip() for t in together)
+        for text, p in zip(together, PROMPTS[:4]):
+            agree = {q: len(os.path.commonprefix([text, alone[q]])) for q in PROMPTS[:4]}
+            assert text.strip() and all(agree[p] > n for q, n in agree.items() if q != p), (p, text)
     else:
         assert together == [alone[p] for p in PROMPTS[:4]]
 
