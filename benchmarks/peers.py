@@ -23,6 +23,12 @@ def _run(cmd, **kw):
     subprocess.run(cmd, check=True, **kw)
 
 
+def _without_amx_env() -> dict[str, str]:
+    """This environment with CFLAGS and CXXFLAGS that leave ggml's AMX kernels out, as mullama's
+    own build does (build_llama.NO_AMX): the builds of peers read them."""
+    return dict(os.environ, CFLAGS=build_llama.without_amx("CFLAGS"), CXXFLAGS=build_llama.without_amx("CXXFLAGS"))
+
+
 def llama_tools() -> dict[str, Path]:
     """llama.cpp's tools, built (once) in the cached build of mullama's own libraries: the same
     tree, flags and objects."""
@@ -40,10 +46,8 @@ def llama_cpp_python() -> Path:
     if py.is_file() and subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode == 0:
         return py
     _run([sys.executable, "-m", "venv", str(venv)])
-    # The same ggml flags as mullama's build, AMX kernels left out as there (build_llama.NO_AMX).
-    env = dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF",
-               CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2),
-               CFLAGS=build_llama.without_amx("CFLAGS"), CXXFLAGS=build_llama.without_amx("CXXFLAGS"))
+    env = dict(_without_amx_env(), CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF",
+               CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
     _run([str(py), "-m", "pip", "install", "-q", "--no-binary", "llama-cpp-python", "llama-cpp-python==0.3.36",
           "numpy"], env=env)
     return py
@@ -92,7 +96,5 @@ def mullama_release(ref: str = PREVIOUS) -> Path:
     (src / "vendor").mkdir(exist_ok=True)
     (src / "vendor" / "llama.cpp").symlink_to(build_llama.fetch_pinned_source())
     _run([sys.executable, "-m", "venv", str(venv)])
-    # That release's build reads CFLAGS/CXXFLAGS: the AMX kernels are left out as in ours.
-    env = dict(os.environ, CFLAGS=build_llama.without_amx("CFLAGS"), CXXFLAGS=build_llama.without_amx("CXXFLAGS"))
-    _run([str(py), "-m", "pip", "install", "-q", str(src)], cwd=PEERS_DIR, env=env)
+    _run([str(py), "-m", "pip", "install", "-q", str(src)], cwd=PEERS_DIR, env=_without_amx_env())
     return py

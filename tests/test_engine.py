@@ -394,8 +394,8 @@ def test_requests_take_consecutive_slots_and_bring_their_cached_prefix(smollm, g
             mullama.EngineStream(r, e).read()
         slot_of = {r.slot: k for k, r in enumerate(primed)}
         assert sorted(slot_of) == list(range(6))
-        picks = [slot_of[0], slot_of[2], slot_of[4]]   # three free slots, none next to another
-        prompts = [bases[k] + smollm.tokenize(" Then what?", add_bos=False) for k in picks]
+        apart = [slot_of[i] for i in (0, 2, 4)]   # the prompts cached in three slots, none next to another
+        prompts = [bases[k] + smollm.tokenize(" Then what?", add_bos=False) for k in apart]
         interval = sys.getswitchinterval()
         sys.setswitchinterval(60.0)   # all three queued before the engine thread looks
         try:
