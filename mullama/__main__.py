@@ -62,7 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a BERT sentence-transformers FOLDER to GGUF (no PyTorch); print its path")
     conv.add_argument("folder")
     conv.add_argument("-o", "--out", help="where to write the GGUF file (default: the model cache)")
-    conv.add_argument("--outtype", choices=["f16", "f32", "bf16", "q8_0"], default="f16")
+    from mullama._convert import DEFAULT_OUTTYPE, OUTTYPES
+
+    conv.add_argument("--outtype", choices=OUTTYPES, default=DEFAULT_OUTTYPE,
+                      help=f"the weights' type (default {DEFAULT_OUTTYPE})")
     srv = sub.add_parser("serve", help="serve OpenAI's API (chat, completions, embeddings) over HTTP")
     srv.add_argument("-m", "--model", help=MODEL_HELP)
     srv.add_argument("--embedding-model", help="GGUF file for /v1/embeddings (default: the model)")

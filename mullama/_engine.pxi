@@ -541,14 +541,14 @@ cdef class Engine:
         decodes a batch in one pass per run of consecutive sequence ids, so the slot that keeps
         the busy ones in the fewest runs; among equals, the one holding the request's cached
         prefix (``cached``, or -1), then the least cached."""
-        cdef int i, runs, best = -1, best_runs = self.n_slots + 1
+        cdef int i, best = -1
+        best_key = None
         for i in range(self.n_slots):
             if self.requests[i] is not None:
                 continue
-            runs = self._runs_with(i)
-            if runs < best_runs or (runs == best_runs and best != cached and (
-                    i == cached or len(self.cached[i]) < len(self.cached[best]))):
-                best, best_runs = i, runs
+            key = (self._runs_with(i), i != cached, len(self.cached[i]))
+            if best_key is None or key < best_key:
+                best, best_key = i, key
         return best
 
     cdef void _start_slot(self, int i, object req):
