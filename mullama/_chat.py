@@ -196,6 +196,12 @@ def run(chat: Chat, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
                 stdout.flush()
                 continue
             stats = chat.reply(text, stdout)
+        except KeyboardInterrupt:
+            # Ctrl-C before the reply streamed (while its prompt was built): the turn is dropped
+            # and the chat goes on, as a Ctrl-C during the reply stops only the reply.
+            print("\n(turn dropped; Ctrl-C again or Ctrl-D to exit)", file=stderr, flush=True)
+            interrupted = True
+            continue
         except (mullama.InvalidArgumentError, mullama.ChatTemplateError, OSError) as exc:
             # A turn that cannot be answered, or a file /save or /load cannot use: say so, go on.
             print(f"mullama: {exc}", file=stderr, flush=True)

@@ -64,6 +64,33 @@ def test_chat_commands_save_load_and_stats(smollm_path, tmp_path):
     assert "(loaded 3 messages" in proc.stdout and "replies: 1" in proc.stdout
 
 
+def test_chat_ctrl_c_before_a_reply_streams_drops_that_turn_and_goes_on(smollm):
+    import io
+
+    from mullama import _chat
+
+    with mullama.Context(smollm, n_ctx=512) as ctx:
+        chat = _chat.Chat(ctx, system=None, max_tokens=4, params=mullama.sampler_params_greedy())
+        history = chat.history
+        calls = []
+
+        def interrupted_once():   # Ctrl-C while the first turn's prompt is being built
+            calls.append(1)
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            return history()
+
+        chat.history = interrupted_once
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            rc = _chat.run(chat, io.StringIO("Hi\nName a color.\n"), out, err)
+        except KeyboardInterrupt:   # caught here: pytest would stop the whole session on it
+            pytest.fail("a Ctrl-C before the reply streamed ended the chat")
+        assert rc == 0
+    assert "turn dropped" in err.getvalue()
+    assert chat.replies == 1 and [m["content"] for m in chat.messages][0] == "Name a color."
+
+
 def test_chat_continues_after_a_turn_that_overflows_the_context(smollm_path):
     proc = cli("chat", "-m", str(smollm_path), "--temp", "0", "-n", "4", "-c", "64",
                input="word " * 400 + "\nHi\n")
