@@ -23,6 +23,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from mullama._convert import DEFAULT_OUTTYPE, OUTTYPES
+
     parser = _Parser(prog="mullama", description="Run GGUF models with llama.cpp.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
@@ -62,8 +64,6 @@ def _parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a BERT sentence-transformers FOLDER to GGUF (no PyTorch); print its path")
     conv.add_argument("folder")
     conv.add_argument("-o", "--out", help="where to write the GGUF file (default: the model cache)")
-    from mullama._convert import DEFAULT_OUTTYPE, OUTTYPES
-
     conv.add_argument("--outtype", choices=OUTTYPES, default=DEFAULT_OUTTYPE,
                       help=f"the weights' type (default {DEFAULT_OUTTYPE})")
     srv = sub.add_parser("serve", help="serve OpenAI's API (chat, completions, embeddings) over HTTP")

@@ -21,7 +21,7 @@ import numpy as np
 
 from ._errors import InvalidArgumentError, InvalidModelError, ModelNotFoundError
 
-__all__ = ["OUTTYPES", "DEFAULT_OUTTYPE", "convert_bert_folder", "read_config"]
+__all__ = ["OUTTYPES", "DEFAULT_OUTTYPE", "check_outtype", "convert_bert_folder", "read_config"]
 
 # Weight types of the converted file. f16 is the default: its vectors are as close to
 # sentence-transformers' as f32's (least cosine 0.999999 over the reference sentences) at half the
@@ -197,12 +197,16 @@ def _check_safetensors(path: Path) -> None:
         )
 
 
+def check_outtype(outtype: str) -> None:
+    if outtype not in OUTTYPES:
+        raise InvalidArgumentError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+
+
 def convert_bert_folder(folder: Path, out: Path, outtype: str = DEFAULT_OUTTYPE, name: str | None = None) -> None:
     """Write ``folder`` (a BERT sentence-transformers model) to ``out`` as GGUF of ``outtype``.
 
     ``out`` is written in place; the caller writes to a temporary name and renames."""
-    if outtype not in OUTTYPES:
-        raise InvalidArgumentError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    check_outtype(outtype)
     gguf = _gguf()
     try:
         from safetensors import SafetensorError, safe_open

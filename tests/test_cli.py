@@ -88,7 +88,7 @@ def test_chat_ctrl_c_before_a_reply_streams_drops_that_turn_and_goes_on(smollm):
             pytest.fail("a Ctrl-C before the reply streamed ended the chat")
         assert rc == 0
     assert "turn dropped" in err.getvalue()
-    assert chat.replies == 1 and [m["content"] for m in chat.messages][0] == "Name a color."
+    assert chat.replies == 1 and chat.messages[0]["content"] == "Name a color."
 
 
 def test_chat_continues_after_a_turn_that_overflows_the_context(smollm_path):
