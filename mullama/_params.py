@@ -288,20 +288,22 @@ def _parse_grammar(text: str) -> None:
     _check_grammar(text)
 
 
-def schema_grammar(schema: Mapping[str, Any]) -> str:
-    """The GBNF grammar llama.cpp's ``json_schema_to_grammar`` makes of a JSON schema."""
+def schema_grammar(schema: Mapping[str, Any], *, patterns: bool = True) -> str:
+    """The GBNF grammar llama.cpp's ``json_schema_to_grammar`` makes of a JSON schema. With
+    ``patterns`` a string pattern the converter cannot translate is refused, not ignored."""
     try:
         text = _json.dumps(schema, allow_nan=False)   # key order kept: it is the order of the fields
     except (TypeError, ValueError) as exc:
         raise TypeError(f"SamplerParams.json_schema is not JSON: {exc}") from None
-    return _schema_grammar(text)
+    return _schema_grammar(text, patterns)
 
 
 @functools.lru_cache(maxsize=256)
-def _schema_grammar(text: str) -> str:
+def _schema_grammar(text: str, patterns: bool) -> str:
     from ._llama import _json_schema_to_grammar
 
-    _check_patterns(_json.loads(text))
+    if patterns:
+        _check_patterns(_json.loads(text))
     grammar = _json_schema_to_grammar(text)
     if len(grammar) > MAX_GRAMMAR_LENGTH:
         raise GrammarError(f"SamplerParams.json_schema makes a grammar of {len(grammar)} characters; "

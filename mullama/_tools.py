@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ._errors import ChatTemplateError
+from ._errors import ChatTemplateError, GrammarError
 from ._llama import _ChatParser, _ChatTemplates
-from ._params import MAX_STOPS, SamplerParams
+from ._params import MAX_STOPS, SamplerParams, schema_grammar
 
 __all__ = ["FieldError", "ToolRequest", "ChatPlan", "read_messages", "read_tools", "plan", "DeltaMaker"]
 
@@ -122,6 +122,8 @@ def _tool(t: Any, where: str) -> dict[str, Any]:
     params = fn.get("parameters")
     if params is not None and not isinstance(params, dict):
         raise FieldError(f"{where}.function.parameters", "must be a JSON schema object")
+    if params is not None:
+        _check_parameters(params, f"{where}.function.parameters")
     desc = fn.get("description")
     if desc is not None and not isinstance(desc, str):
         raise FieldError(f"{where}.function.description", "must be a string")
@@ -129,6 +131,16 @@ def _tool(t: Any, where: str) -> dict[str, Any]:
     if desc is not None:
         out["description"] = desc
     return {"type": "function", "function": out}
+
+
+def _check_parameters(schema: dict[str, Any], where: str) -> None:
+    """The chat layer makes its call grammar from every tool's parameters with llama.cpp's schema
+    converter: a schema the converter refuses is that tool's fault, named here, not a failure to
+    render the messages. Patterns it cannot translate stay allowed, as llama-server allows them."""
+    try:
+        schema_grammar(schema, patterns=False)
+    except (GrammarError, TypeError) as exc:
+        raise FieldError(where, str(exc).replace("SamplerParams.json_schema", "the schema")) from None
 
 
 def read_tools(body: Mapping[str, Any]) -> ToolRequest:

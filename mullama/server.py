@@ -240,11 +240,20 @@ def _sampler(body: Mapping[str, Any], n_vocab: int, n_probs: int, logprobs: bool
         params.grammar = grammar
     try:
         return params.validated()
+    except GrammarError as exc:
+        if grammar is not None:
+            raise _grammar_error(exc, "grammar") from None
+        raise _grammar_error(exc, "response_format" if params.json else "response_format.json_schema.schema") from None
     except MullamaError as exc:
-        param = None
-        if isinstance(exc, GrammarError):
-            param = "response_format" if grammar is None else "grammar"
-        raise _from_mullama(exc, param) from None
+        raise _from_mullama(exc) from None
+
+
+def _grammar_error(exc: GrammarError, field: str) -> APIError:
+    """A grammar error named by the request's field, not by the SamplerParams one it became."""
+    message = str(exc).replace("SamplerParams.json_schema", field).replace("SamplerParams.grammar", field)
+    if not message.startswith(field):
+        message = f"{field}: {message}"
+    return APIError(400, message, param=field, code="invalid_grammar")
 
 
 def _seed(body: Mapping[str, Any]) -> int:

@@ -299,7 +299,12 @@ def test_bad_input_is_400_naming_the_field(client, http):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                        response_format={"type": "json_schema", "json_schema": {
                                            "name": "x", "schema": {"type": "string", "pattern": "a+"}}})
-    assert e.value.param == "response_format"
+    assert e.value.param == "response_format.json_schema.schema" and e.value.code == "invalid_grammar"
+    assert "'a+'" in e.value.message and "SamplerParams" not in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"grammar": "root ::= undefined-rule"})
+    assert e.value.param == "grammar" and "SamplerParams" not in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="def f(", suffix="return 1")
     assert e.value.param == "suffix"

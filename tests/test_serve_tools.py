@@ -109,6 +109,12 @@ def test_bad_tool_fields_are_400_naming_them(client, server):
         with pytest.raises(openai.BadRequestError) as e:
             _ask(client, **kw)
         assert e.value.param == param, (kw, e.value)
+    # A parameters schema llama.cpp's converter refuses is that tool's fault, not the messages'.
+    for schema, words in [({"type": "object", "properties": {"a": {"anyOf": {}}}}, "#/properties/a/anyOf"),
+                          ({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}, "left recursion")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            _ask(client, tools=[TOOLS[0], {"type": "function", "function": {"name": "g", "parameters": schema}}])
+        assert e.value.param == "tools[1].function.parameters" and words in e.value.message, e.value
     with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}) as http:
         err = _error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK + [
             {"role": "tool", "content": "21"}]}), 400)
