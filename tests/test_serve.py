@@ -19,6 +19,8 @@ import httpx
 import jsonschema
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import free_port, wait_until_healthy
 
@@ -333,6 +335,46 @@ def test_bad_input_is_400_naming_the_field(client, http):
     assert _error(http.post("/v1/embeddings", json={"input": "x", "encoding_format": "int8"}),
                   400)["param"] == "encoding_format"
     assert _error(http.get("/v1/nowhere"), 404)["code"] == "not_found"
+
+
+# Random values in the fields of valid bodies: every answer is a 2xx or a 4xx in OpenAI's shape,
+# never a 500, and the server goes on serving.
+_ANY = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70) | st.floats(allow_nan=False)
+    | st.sampled_from(["", "text", "json_object", "json_schema", "auto", "required", "float", "base64", "user"])
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["type", "text", "role", "content", "schema", "json_schema", "function", "name",
+                         "parameters", "include_usage", "0", "100"]), inner, max_size=3),
+    max_leaves=8)
+_FIELDS = {
+    "/v1/chat/completions": ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                             ["messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
+                              "stop", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+                              "top_logprobs", "n", "response_format", "tools", "tool_choice", "stream",
+                              "stream_options", "grammar"]),
+    "/v1/completions": ({"model": MODEL, "prompt": "hi"},
+                        ["prompt", "echo", "suffix", "logprobs", "n", "stop", "stream", "stream_options", "seed"]),
+    "/v1/embeddings": ({"input": "hi"}, ["input", "encoding_format", "dimensions"]),
+}
+
+
+@given(st.sampled_from(sorted(_FIELDS)).flatmap(lambda path: st.tuples(
+    st.just(path), st.dictionaries(st.sampled_from(_FIELDS[path][1]), _ANY, min_size=1, max_size=3))))
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+def test_random_field_values_get_a_4xx_never_a_500(http, client, case):
+    path, fields = case
+    base, _ = _FIELDS[path]
+    body = {**base, "model": _embed_name(client) if "embeddings" in path else MODEL, "max_tokens": 3, **fields}
+    if isinstance(body["max_tokens"], int) and body["max_tokens"] > 3:
+        body["max_tokens"] = 3           # the fuzz is about parsing, not generating
+    with http.stream("POST", path, json=body) as response:
+        data = response.read()
+    assert response.status_code < 500, (body, data[:500])
+    if response.status_code >= 400:
+        err = json.loads(data)["error"]
+        assert err["message"] and set(err) == {"message", "type", "param", "code"}, (body, err)
 
 
 def test_tools_on_a_template_that_cannot_express_them_are_400(client):
