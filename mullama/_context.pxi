@@ -481,13 +481,18 @@ cdef class Context:
         self._check_has_cache()
         saved = _state.load(data, self.model, *self.core.state_layout(), what)
         cdef vector[llama_token] toks
+        cdef SeqRestore restored
         self.model._tokens_to_vector(saved.tokens, toks)
         self._enter(self.core.ticket())
         try:
             self.hist.clear()
-            if not self.core.set_seq_state(0, saved.blob, <int> toks.size()):
-                raise StateError(f"{what} could not be loaded into this context: "
-                                 "llama.cpp refused its cache (another cache type or layout?)")
+            restored = self.core.set_seq_state(0, saved.blob, <int> toks.size())
+            if restored == SEQ_STUCK:
+                self.core.clear()   # sequence 0 is the context's only one
+            if restored != SEQ_RESTORED:
+                raise StateError(f"{what} could not be loaded into this context: llama.cpp refused its "
+                                 "cache (another cache type or layout?), or its cells are not at the positions "
+                                 "of its tokens")
             self.hist = toks
         finally:
             self._leave()

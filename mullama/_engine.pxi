@@ -222,6 +222,7 @@ cdef class Engine:
     cdef vector[int] admitted        # the busy slots, in the order their requests were admitted
     cdef list requests               # the request in each slot, or None
     cdef list cached                 # the tokens a free slot's sequence still holds
+    cdef list stuck                  # per slot: holds cells only a whole-cache clear removes
     cdef list follow                 # per slot: (leader slot, leader request, prefix length) or None
     cdef int share_min               # the fewest extra tokens worth copying another sequence for
     cdef object waiting              # deque of EngineRequest, arrival order
@@ -280,6 +281,7 @@ cdef class Engine:
         self.prompts.resize(n_parallel)
         self.requests = [None] * n_parallel
         self.cached = [[] for _ in range(n_parallel)]
+        self.stuck = [False] * n_parallel
         self.follow = [None] * n_parallel
         # Copying a sequence copies its whole cache stream: worth it for a long shared prefix.
         self.share_min = max(64, self._n_ctx_seq // 16)
@@ -449,7 +451,9 @@ cdef class Engine:
             self._reap_cancelled()
             self._sweep_waiting()
             if all(r is None for r in self.requests):
-                return True
+                if not self._unstick():
+                    return True
+                continue   # the slots are usable again: admit what waited for them
             for i in range(self.n_slots):
                 r = self.requests[i]
                 self.slots[i].paused = r is not None and r.full
@@ -483,7 +487,7 @@ cdef class Engine:
         (copied over when it is another slot's); a longer one being decoded by another slot
         is copied once decoded."""
         cdef int i, src, common = 0
-        while any(r is None for r in self.requests):
+        while any(self._usable(i) for i in range(self.n_slots)):
             req = self._next_waiting()
             if req is None:
                 return
@@ -512,12 +516,26 @@ cdef class Engine:
                 return req
             req.finish("cancelled", GenerationCancelled("the request was cancelled"))
 
+    cdef bint _usable(self, int i):
+        """Whether slot i can take a request now."""
+        return self.requests[i] is None and not self.stuck[i]
+
+    cdef bint _unstick(self):
+        """With no request running, clear the whole cache if a failed restore left cells
+        that nothing else removes; whether it did."""
+        if not any(self.stuck):
+            return False
+        self.core.clear()
+        self.cached = [[] for _ in range(self.n_slots)]
+        self.stuck = [False] * self.n_slots
+        return True
+
     cdef int _cached_slot(self, list toks, int * prefix):
         """The free slot whose cache holds the longest beginning of toks (its length in
         *prefix); among equals, the least cached."""
         cdef int i, best = -1, best_common = -1
         for i in range(self.n_slots):
-            if self.requests[i] is not None:
+            if not self._usable(i):
                 continue
             common = _common_prefix(self.cached[i], toks)
             if common > best_common or (common == best_common and len(self.cached[i]) < len(self.cached[best])):
@@ -544,7 +562,7 @@ cdef class Engine:
         cdef int i, best = -1
         best_key = None
         for i in range(self.n_slots):
-            if self.requests[i] is not None:
+            if not self._usable(i):
                 continue
             key = (self._runs_with(i), i != cached, len(self.cached[i]))
             if best_key is None or key < best_key:
@@ -624,9 +642,14 @@ cdef class Engine:
         submission); the prompt's last token is decoded again, for its logits."""
         saved, req.saved = req.saved, None
         cdef int n = len(saved.tokens)
-        if not self.core.set_seq_state(i, saved.blob, n):
-            self._free_slot(i, None, StateError("the state could not be loaded into an engine sequence: "
-                                                "llama.cpp refused its cache (another cache type or layout?)"))
+        cdef SeqRestore restored = self.core.set_seq_state(i, saved.blob, n)
+        if restored == SEQ_STUCK:
+            # Its sequence would see those cells: the slot waits for the engine to be idle.
+            self.stuck[i] = True
+        if restored != SEQ_RESTORED:
+            self._free_slot(i, None, StateError(
+                "the state could not be loaded into an engine sequence: llama.cpp refused its cache "
+                "(another cache type or layout?), or its cells are not at the positions of its tokens"))
             return
         self._resume_at(i, self.core.keep_prefix(i, min(n, self.slots[i].n_prompt - 1)))
 

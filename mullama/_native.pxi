@@ -99,6 +99,12 @@ cdef Decoded _native_decode(NativeState * st, int n) noexcept nogil:
     return DECODE_FAILED
 
 
+cdef enum SeqRestore:
+    SEQ_RESTORED = 0
+    SEQ_REFUSED = 1          # the sequence is empty
+    SEQ_STUCK = 2            # cells of the sequence are left that only a whole-cache clear removes
+
+
 cdef inline void _seq_rm(NativeState * st, int seq, int p0, int p1) noexcept nogil:
     llama_memory_seq_rm(llama_get_memory(st.ctx), seq, p0, p1)
 
@@ -119,6 +125,7 @@ cdef class _NativeContext:
     cdef long long calls             # generations started so far (each takes the next number)
     cdef long long cancel_upto       # cancel() covers the generations numbered up to this
     cdef tuple adapters              # (LoraAdapter, scale) pairs applied; holds them alive
+    cdef size_t empty_seq_state      # bytes of an empty sequence's state: how emptiness is proven
 
     def __cinit__(self):
         self.st.ctx = NULL
@@ -158,6 +165,8 @@ cdef class _NativeContext:
         c.n_seq_max = p.n_seq_max
         c.n_threads = p.n_threads
         c.embeddings = embeddings
+        if llama_get_memory(ptr) != NULL:
+            c.empty_seq_state = llama_state_seq_get_size(ptr, 0)   # every sequence is empty now
         c.pooling = <int> llama_get_pooling_type(ptr)
         cdef float * rows = llama_get_logits(ptr)
         if rows != NULL and not embeddings:
@@ -254,19 +263,29 @@ cdef class _NativeContext:
             raise StateError(f"llama.cpp wrote {got} of the {n} bytes of the sequence's state")
         return out
 
-    cdef bint set_seq_state(self, int seq, const uint8_t[::1] blob, int n_tokens):
-        """Replace sequence `seq` with a saved one of n_tokens positions; False (and the
-        sequence left empty) if llama.cpp refuses it."""
+    cdef SeqRestore set_seq_state(self, int seq, const uint8_t[::1] blob, int n_tokens):
+        """Replace sequence `seq` with a saved one of n_tokens positions (0 to n_tokens - 1).
+        SEQ_REFUSED, the sequence left empty, when llama.cpp refuses it or its cells are at
+        positions its tokens cannot have (a state made to pass the checksum); SEQ_STUCK when
+        llama.cpp left cells where llama_memory_seq_rm cannot reach them (below position 0, or
+        at the largest): only clearing the whole cache removes those."""
         cdef size_t n = blob.shape[0], got = 0
         cdef const uint8_t * src = &blob[0] if n > 0 else NULL
+        cdef llama_memory_t mem = llama_get_memory(self.st.ctx)
         _seq_rm(&self.st, seq, -1, -1)
         if n > 0:
             with nogil:
                 got = llama_state_seq_set_data(self.st.ctx, src, n, seq)
-        if got == 0 or llama_memory_seq_pos_max(llama_get_memory(self.st.ctx), seq) != n_tokens - 1:
-            _seq_rm(&self.st, seq, -1, -1)
-            return False
-        return True
+        if got != 0 and llama_memory_seq_pos_max(mem, seq) == n_tokens - 1 and \
+                (llama_memory_seq_pos_min(mem, seq) >= 0 if n_tokens > 0 else self.seq_empty(seq)):
+            return SEQ_RESTORED
+        _seq_rm(&self.st, seq, -1, -1)
+        return SEQ_REFUSED if self.seq_empty(seq) else SEQ_STUCK
+
+    cdef bint seq_empty(self, int seq):
+        """Whether the sequence holds no cell at all (its positions cannot tell: an empty
+        sequence and one cell at position -1 both have -1 as their first and last)."""
+        return llama_state_seq_get_size(self.st.ctx, seq) == self.empty_seq_state
 
     cdef int set_adapters(self, tuple adapters) except -1:
         """Apply (LoraAdapter, scale) pairs to every later decode; () removes them all."""

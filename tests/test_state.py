@@ -4,7 +4,9 @@ not fit raises StateError without harming the context."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 import subprocess
 import sys
 
@@ -98,6 +100,52 @@ def test_damaged_states_raise_state_error_and_the_context_still_works(warm, smol
         assert ctx.generate(PROMPT, 4, greedy) == warm.generate(PROMPT, 4, greedy)
 
 
+def _crafted(data: bytes, positions: dict[int, int], break_data: bool) -> bytes:
+    """The state with llama.cpp's cell positions changed behind a valid checksum, as a state made
+    on purpose can be, and with ``break_data`` its data unreadable. llama.cpp's sequence state
+    (pinned release, plain KV cache): magic, seq_id, n_stream, then per stream cell_count (u32
+    each), per cell pos (i32), n_seq_id (u32) and seq_id (i32), then the stream's data, which
+    begins with v_trans (u32). The sequence's cells are in the first stream."""
+    tokens, blob = _parts(data)
+    n_tokens = len(tokens)
+    n_stream, n_cells = struct.unpack_from("<II", data, blob + 8)
+    cells = blob + 16
+    # The layout this helper knows: a test of nothing if llama.cpp's format moved.
+    assert n_stream >= 1 and n_cells == n_tokens
+    assert [struct.unpack_from("<iIi", data, cells + 12 * i) for i in range(n_cells)] == \
+        [(i, 1, 0) for i in range(n_cells)]
+    out = bytearray(data[:-32])
+    for i, pos in positions.items():
+        struct.pack_into("<i", out, cells + 12 * i, pos)
+    if break_data:
+        struct.pack_into("<I", out, cells + 12 * n_cells, 0xDD0000)
+    return bytes(out) + hashlib.sha256(out).digest()
+
+
+def _parts(data: bytes) -> tuple[list[int], int]:
+    """A state's tokens, and where llama.cpp's bytes begin in it (see mullama._state)."""
+    (head_len,) = struct.unpack_from("<I", data, 8)
+    n_tokens = json.loads(data[12:12 + head_len])["n_tokens"]
+    return list(struct.unpack_from(f"<{n_tokens}i", data, 12 + head_len)), 12 + head_len + 4 * n_tokens
+
+
+@pytest.mark.parametrize("refused_by", ["llama.cpp", "positions"])
+def test_a_state_made_past_the_checksum_leaves_no_cell_behind(warm, smollm, greedy, refused_by):
+    # Cells at negative positions are out of llama_memory_seq_rm's reach: llama.cpp refusing
+    # the data after placing them used to leave them in the sequence, changing every later reply.
+    data = warm.get_state()
+    bad = _crafted(data, {3: -1000, 5: -1}, break_data=refused_by == "llama.cpp")
+    expected = warm.generate(PROMPT, 6, greedy)
+    with mullama.Context(smollm, n_ctx=N_CTX) as ctx:
+        ctx.set_state(data)
+        with pytest.raises(mullama.StateError, match="could not be loaded"):
+            ctx.set_state(bad)
+        assert ctx.cached_tokens == []
+        assert ctx.generate(PROMPT, 6, greedy) == expected
+        ctx.set_state(data)
+        assert ctx.generate(PROMPT, 6, greedy) == expected
+
+
 def test_missing_file_and_bad_types_are_named(warm, tmp_path):
     with pytest.raises(mullama.StateError, match="does not exist"):
         warm.load_state(tmp_path / "nope.bin")
@@ -186,6 +234,27 @@ def test_engine_refuses_a_state_that_does_not_begin_the_prompt(smollm, greedy):
         with mullama.Engine(smollm, n_parallel=4, n_ctx=4 * N_CTX) as wider:
             with pytest.raises(mullama.StateError, match="2 sequences"):
                 wider.complete(PROMPT, 4, greedy, state=kept.state)
+
+
+def test_an_engine_slot_a_bad_state_left_cells_in_waits_until_the_engine_is_idle(smollm, greedy):
+    long = PROMPT + (" red, yellow and blue. Mixing two of them gives a secondary colour: green, orange or "
+                     "purple. Mixing all three gives a dark brown, close to black.")
+    other = "Write a short poem about the sea."
+    with mullama.Engine(smollm, n_parallel=2, n_ctx=2 * N_CTX) as source:   # no cache holds it
+        kept = source.complete(long, 4, greedy, keep_state=True)
+    assert len(smollm.tokenize(long)) >= 32   # long enough for an engine to restore it
+    with mullama.Engine(smollm, n_parallel=2, n_ctx=2 * N_CTX) as engine:
+        expected = engine.generate(other, 12, greedy)
+        bad = _crafted(kept.state, {3: -1000, 5: -1}, break_data=True)
+        with engine.stream(PROMPT + " and", 64, greedy, buffer=1) as running:
+            next(iter(running))   # one slot busy (then paused: nothing reads it)
+            with pytest.raises(mullama.StateError, match="could not be loaded"):
+                engine.complete(_parts(kept.state)[0] + smollm.tokenize(" So"), 4, greedy, state=bad)
+            # The other slot holds what llama.cpp left: this request waits for the engine to be
+            # idle, when the whole cache is cleared, instead of attending to those cells.
+            late = engine.submit(other, 12, greedy, buffer=1 << 30)
+        with mullama.EngineStream(late, engine) as s:
+            assert "".join(s) == expected
 
 
 @pytest.mark.asyncio
