@@ -8,6 +8,7 @@ cdef enum Finish:
     FINISH_CONTEXT = 3    # the context is full
     FINISH_NO_LOGITS = 4  # the model computed no logits to sample from (an error, not a reason)
     FINISH_GRAMMAR = 5    # the grammar allows no further token
+    FINISH_NAN = 6        # the model computed NaN logits (an error, not a reason)
 
 _FINISH_NAMES = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_CONTEXT: "context",
                  FINISH_GRAMMAR: "grammar"}
@@ -18,6 +19,7 @@ cdef enum Step:
     STEP_DONE = 1001      # the generation ended; Gen.finish says why
     STEP_NO_LOGITS = 1002 # the model computed no logits to sample from
     STEP_DECODE = 1003    # the decode did not succeed; Gen.decoded says how
+    STEP_NAN = 1004       # the model computed NaN logits
 
 
 cdef struct Gen:
@@ -87,6 +89,8 @@ cdef Step _gen_step(Gen * g) noexcept nogil:
     chosen = _choose(g.ctl, g.st.ctx, -1, &tok)
     if chosen == CHOICE_NO_LOGITS:
         return STEP_NO_LOGITS
+    if chosen == CHOICE_NAN:
+        return STEP_NAN
     if chosen == CHOICE_NONE:
         g.finish = FINISH_GRAMMAR
         return STEP_DONE
@@ -361,6 +365,8 @@ cdef class Context:
         self.last_finish_reason = _FINISH_NAMES.get(g.finish)
         if rc == STEP_NO_LOGITS:
             raise self.model._no_logits_error()
+        if rc == STEP_NAN:
+            raise self.model._nan_logits_error()
         if rc == STEP_DECODE:
             if g.decoded == DECODE_ABORTED:
                 self.last_finish_reason = "cancelled"

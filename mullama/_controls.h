@@ -39,6 +39,7 @@ struct mullama_token_info {
 enum mullama_choice {
     MULLAMA_CHOSEN = 0,
     MULLAMA_NO_CHOICE = 1,   /* the grammar allows no token here */
+    MULLAMA_NAN_LOGITS = 2,  /* the row holds NaN: nothing can be sampled from it */
 };
 
 struct mullama_controls {
@@ -117,11 +118,34 @@ static inline llama_token mullama_argmax(const float * row, size_t n) {
     return 0;
 }
 
+/* Whether a logits row holds a NaN (tested on the bits: exponent all ones, mantissa not zero),
+   in eight lanes the compiler can vectorize. */
+static inline bool mullama_has_nan(const float * row, size_t n) {
+    uint32_t lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int j = 0; j < 8; j++) {
+            uint32_t b;
+            memcpy(&b, row + i + j, sizeof b);
+            lane[j] |= (b & 0x7FFFFFFFu) > 0x7F800000u;
+        }
+    }
+    uint32_t any = 0;
+    for (int j = 0; j < 8; j++) any |= lane[j];
+    for (; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, row + i, sizeof b);
+        any |= (b & 0x7FFFFFFFu) > 0x7F800000u;
+    }
+    return any != 0;
+}
+
 /* Choose the next token from a logits row. As llama.cpp's common sampler does, the chain picks
    a token first and the grammar only checks it; when the grammar refuses it, the grammar
    constrains the whole vocabulary and the chain picks again. */
 static inline int mullama_choose(mullama_controls * c, const float * row, llama_token * out) {
     try {
+        if (mullama_has_nan(row, (size_t) c->n_vocab)) return MULLAMA_NAN_LOGITS;
         llama_token_data_array arr;
         if (c->want_logprobs) mullama_record(c, row);
         llama_token tok;

@@ -180,7 +180,8 @@ cdef int _engine_step(NativeState * st, const llama_vocab * vocab, ESlot * slots
             continue
         chosen = _choose(s.ctl, st.ctx, s.batch_idx, &tok)
         if chosen != CHOICE_TOKEN:
-            s.finish = FINISH_NO_LOGITS if chosen == CHOICE_NO_LOGITS else FINISH_GRAMMAR
+            s.finish = FINISH_NO_LOGITS if chosen == CHOICE_NO_LOGITS else \
+                FINISH_NAN if chosen == CHOICE_NAN else FINISH_GRAMMAR
             s.state = SLOT_DONE
             continue
         if llama_vocab_is_eog(vocab, tok):
@@ -726,8 +727,9 @@ cdef class Engine:
                 produced += 1
                 r.completion_tokens = s.n_generated
                 _collect(self.core.model, s.ctl, r.generated, r.logprobs)
-            if s.state == SLOT_DONE and s.finish == FINISH_NO_LOGITS:
-                self._free_slot(i, None, self.core.model._no_logits_error())
+            if s.state == SLOT_DONE and s.finish in (FINISH_NO_LOGITS, FINISH_NAN):
+                self._free_slot(i, None, self.core.model._no_logits_error() if s.finish == FINISH_NO_LOGITS
+                                else self.core.model._nan_logits_error())
                 continue
             if s.state == SLOT_DONE:
                 if s.ctl.text.size():

@@ -300,6 +300,12 @@ cdef class Model:
             "(an embedding model? use EmbeddingGenerator)"
         )
 
+    cdef object _nan_logits_error(self):
+        return DecodeError(
+            f"model {self.path!r} computed NaN logits, so no token can be chosen: its weights, or the "
+            "cache the prompt attends to (a loaded state?), hold values that are not numbers"
+        )
+
     cdef inline int _check(self) except -1:
         if self.ptr == NULL or self._close_requested:
             raise ClosedError("this Model is closed")

@@ -17,6 +17,7 @@ cdef extern from "_controls.h" nogil:
     cdef enum:
         MULLAMA_CHOSEN
         MULLAMA_NO_CHOICE
+        MULLAMA_NAN_LOGITS
         MULLAMA_GRAMMAR_OK
         MULLAMA_GRAMMAR_BAD
         MULLAMA_GRAMMAR_NEEDS_VOCAB
@@ -49,6 +50,7 @@ cdef enum Choice:
     CHOICE_TOKEN = 2000       # a token was chosen
     CHOICE_NONE = 2001        # the grammar allows no token here
     CHOICE_NO_LOGITS = 2002   # the last decode computed no logits at this row
+    CHOICE_NAN = 2003         # the row holds NaN (weights or cache that are not numbers)
 
 
 cdef inline Choice _choose(mullama_controls * c, llama_context * ctx, int idx, llama_token * tok) noexcept nogil:
@@ -60,6 +62,8 @@ cdef inline Choice _choose(mullama_controls * c, llama_context * ctx, int idx, l
         return CHOICE_NO_LOGITS
     cdef int r = mullama_choose(c, row, tok)
     mullama_logits_used(row)
+    if r == MULLAMA_NAN_LOGITS:
+        return CHOICE_NAN
     return CHOICE_TOKEN if r == MULLAMA_CHOSEN else CHOICE_NONE
 
 

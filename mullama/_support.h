@@ -41,8 +41,16 @@ static inline void mullama_set_decode_aborted(int v) { mullama_decode_aborted_fl
    a decode that computes logits overwrites the stamp. A stamp still there after a decode means
    the model computed none (an encoder-only embedding model), and sampling would read stale
    memory. A model whose logits really are NaN is refused the same way, which is as well. */
-static inline int mullama_logits_fresh(const float *row) { return row != NULL && !isnan(row[0]); }
-static inline void mullama_logits_used(float *row) { if (row != NULL) row[0] = NAN; }
+/* A sampled logits row is stamped with a signalling NaN: no arithmetic yields one (NaN results are
+   quiet), so a row the model itself computed as NaN still reads as fresh, and is reported as NaN. */
+static const uint32_t MULLAMA_USED_ROW = 0x7FA5A5A5u;
+static inline int mullama_logits_fresh(const float *row) {
+    uint32_t bits;
+    if (row == NULL) return 0;
+    memcpy(&bits, row, sizeof bits);
+    return bits != MULLAMA_USED_ROW;
+}
+static inline void mullama_logits_used(float *row) { if (row != NULL) memcpy(row, &MULLAMA_USED_ROW, sizeof MULLAMA_USED_ROW); }
 
 /* The file behind a memory-mapped model, as it was when loaded. If the file is truncated or
    rewritten in place, touching the mapping kills the process (SIGBUS) or reads other bytes;

@@ -100,12 +100,14 @@ def test_damaged_states_raise_state_error_and_the_context_still_works(warm, smol
         assert ctx.generate(PROMPT, 4, greedy) == warm.generate(PROMPT, 4, greedy)
 
 
-def _crafted(data: bytes, positions: dict[int, int], break_data: bool) -> bytes:
-    """The state with llama.cpp's cell positions changed behind a valid checksum, as a state made
-    on purpose can be, and with ``break_data`` its data unreadable. llama.cpp's sequence state
-    (pinned release, plain KV cache): magic, seq_id, n_stream, then per stream cell_count (u32
-    each), per cell pos (i32), n_seq_id (u32) and seq_id (i32), then the stream's data, which
-    begins with v_trans (u32). The sequence's cells are in the first stream."""
+def _crafted(data: bytes, positions: dict[int, int] | None = None, break_data: bool = False,
+             nan_keys: bool = False) -> bytes:
+    """The state changed behind a valid checksum, as a state made on purpose can be: cells moved
+    to ``positions``, its data unreadable (``break_data``), or the first layer's keys all NaN.
+    llama.cpp's sequence state (pinned release, plain KV cache): magic, seq_id, n_stream, then
+    per stream cell_count (u32 each), per cell pos (i32), n_seq_id (u32) and seq_id (i32), then
+    the stream's data: v_trans and n_layer (u32), then per layer the keys' type (i32), row size
+    (u64) and rows. The sequence's cells are in the first stream."""
     tokens, blob = _parts(data)
     n_tokens = len(tokens)
     n_stream, n_cells = struct.unpack_from("<II", data, blob + 8)
@@ -115,10 +117,15 @@ def _crafted(data: bytes, positions: dict[int, int], break_data: bool) -> bytes:
     assert [struct.unpack_from("<iIi", data, cells + 12 * i) for i in range(n_cells)] == \
         [(i, 1, 0) for i in range(n_cells)]
     out = bytearray(data[:-32])
-    for i, pos in positions.items():
+    for i, pos in (positions or {}).items():
         struct.pack_into("<i", out, cells + 12 * i, pos)
+    keys = cells + 12 * n_cells + 8
     if break_data:
-        struct.pack_into("<I", out, cells + 12 * n_cells, 0xDD0000)
+        struct.pack_into("<I", out, keys - 8, 0xDD0000)
+    if nan_keys:
+        key_type, row = struct.unpack_from("<iQ", out, keys)
+        assert key_type in (0, 1)   # f32 or f16: bytes of all ones are NaN in both
+        out[keys + 12:keys + 12 + row * n_cells] = b"\xff" * (row * n_cells)
     return bytes(out) + hashlib.sha256(out).digest()
 
 
@@ -143,6 +150,19 @@ def test_a_state_made_past_the_checksum_leaves_no_cell_behind(warm, smollm, gree
         assert ctx.cached_tokens == []
         assert ctx.generate(PROMPT, 6, greedy) == expected
         ctx.set_state(data)
+        assert ctx.generate(PROMPT, 6, greedy) == expected
+
+
+def test_a_state_whose_cache_is_nan_raises_decode_error_naming_nan(warm, smollm, greedy):
+    # NaN logits used to read as a row the model never computed: "an embedding model?".
+    data = warm.get_state()
+    expected = warm.generate(PROMPT, 6, greedy)
+    with mullama.Context(smollm, n_ctx=N_CTX) as ctx:
+        ctx.set_state(_crafted(data, nan_keys=True))
+        for params in (greedy, mullama.SamplerParams(temperature=0.8, seed=3, logprobs=True, n_probs=2)):
+            with pytest.raises(mullama.DecodeError, match="NaN logits"):
+                ctx.generate(PROMPT, 6, params)
+        ctx.clear_cache()
         assert ctx.generate(PROMPT, 6, greedy) == expected
 
 
@@ -255,6 +275,10 @@ def test_an_engine_slot_a_bad_state_left_cells_in_waits_until_the_engine_is_idle
             late = engine.submit(other, 12, greedy, buffer=1 << 30)
         with mullama.EngineStream(late, engine) as s:
             assert "".join(s) == expected
+        with pytest.raises(mullama.DecodeError, match="NaN logits"):
+            engine.complete(_parts(kept.state)[0] + smollm.tokenize(" So"), 4, greedy,
+                            state=_crafted(kept.state, nan_keys=True))
+        assert engine.generate(other, 12, greedy) == expected
 
 
 @pytest.mark.asyncio
