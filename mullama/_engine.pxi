@@ -727,9 +727,11 @@ cdef class Engine:
                 produced += 1
                 r.completion_tokens = s.n_generated
                 _collect(self.core.model, s.ctl, r.generated, r.logprobs)
-            if s.state == SLOT_DONE and s.finish in (FINISH_NO_LOGITS, FINISH_NAN):
-                self._free_slot(i, None, self.core.model._no_logits_error() if s.finish == FINISH_NO_LOGITS
-                                else self.core.model._nan_logits_error())
+            if s.state == SLOT_DONE and s.finish == FINISH_NO_LOGITS:
+                self._free_slot(i, None, self.core.model._no_logits_error())
+                continue
+            if s.state == SLOT_DONE and s.finish == FINISH_NAN:
+                self._free_slot(i, None, self.core.model._nan_logits_error())
                 continue
             if s.state == SLOT_DONE:
                 if s.ctl.text.size():

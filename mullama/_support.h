@@ -37,12 +37,11 @@ static __thread int mullama_decode_aborted_flag = 0;
 static inline int mullama_decode_aborted(void) { return mullama_decode_aborted_flag; }
 static inline void mullama_set_decode_aborted(int v) { mullama_decode_aborted_flag = v; }
 
-/* A logits row mullama has sampled from is stamped with NaN (so are all rows of a new context);
-   a decode that computes logits overwrites the stamp. A stamp still there after a decode means
-   the model computed none (an encoder-only embedding model), and sampling would read stale
-   memory. A model whose logits really are NaN is refused the same way, which is as well. */
-/* A sampled logits row is stamped with a signalling NaN: no arithmetic yields one (NaN results are
-   quiet), so a row the model itself computed as NaN still reads as fresh, and is reported as NaN. */
+/* A logits row mullama has sampled from is stamped (so are all rows of a new context); a decode
+   that computes logits overwrites the stamp. A stamp still there after a decode means the model
+   computed none (an encoder-only embedding model), and sampling would read stale memory. The
+   stamp is a signalling NaN, which no arithmetic yields (its NaNs are quiet): a row the model
+   computed as NaN still reads as fresh, and the sampler reports it as NaN. */
 static const uint32_t MULLAMA_USED_ROW = 0x7FA5A5A5u;
 static inline int mullama_logits_fresh(const float *row) {
     uint32_t bits;
