@@ -22,6 +22,40 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see: {self.prog} --help)\n")
 
 
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an int from lo (to hi), refused at once with the range named."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be from {lo} to {hi}, got {value}" if hi is not None
+                                             else f"must be {lo} or more, got {value}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return value
+
+
+def _key(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (leave --api-key out for a server without a key)")
+    return text
+
+
+PORT = _int_in(0, 65535)
+THREADS = _int_in(0, 1024)
+
+
 def _parser() -> argparse.ArgumentParser:
     from mullama._convert import DEFAULT_OUTTYPE, OUTTYPES
 
@@ -69,20 +103,20 @@ def _parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve OpenAI's API (chat, completions, embeddings) over HTTP")
     srv.add_argument("-m", "--model", help=MODEL_HELP)
     srv.add_argument("--embedding-model", help="GGUF file for /v1/embeddings (default: the model)")
-    srv.add_argument("--parallel", "-np", type=int, default=8, help="requests decoded together (default 8)")
-    srv.add_argument("--ctx-size", "-c", type=int, default=None,
+    srv.add_argument("--parallel", "-np", type=_int_in(1), default=8, help="requests decoded together (default 8)")
+    srv.add_argument("--ctx-size", "-c", type=_int_in(1), default=None,
                      help="context tokens in all, split between the parallel requests (default: 2048 each)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    srv.add_argument("--port", type=int, default=8080)
-    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: none)")
-    srv.add_argument("--max-waiting", type=int, default=None,
+    srv.add_argument("--port", type=PORT, default=8080)
+    srv.add_argument("--api-key", type=_key, default=None, help="require 'Authorization: Bearer KEY' (default: none)")
+    srv.add_argument("--max-waiting", type=_int_in(0), default=None,
                      help="requests allowed to wait for a slot; beyond them 503 + Retry-After (default: no limit)")
     srv.add_argument("--alias", default=None, help="the model's name in the API (default: its file name)")
-    srv.add_argument("-t", "--threads", type=int, default=0)
-    srv.add_argument("--drain", type=float, default=10.0,
+    srv.add_argument("-t", "--threads", type=THREADS, default=0)
+    srv.add_argument("--drain", type=_seconds, default=10.0,
                      help="seconds Ctrl-C or SIGTERM waits for running requests before exiting (default 10)")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    srv.add_argument("--prompt-cache", type=int, default=256, metavar="MIB",
+    srv.add_argument("--prompt-cache", type=_int_in(0), default=256, metavar="MIB",
                      help="MiB of recent requests' caches kept, so a conversation's next request decodes only "
                           "its new turn (default 256; 0: off)")
     srv.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
@@ -93,9 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     rpc = sub.add_parser("rpc-server", help="offer this machine's compute to llama.cpp RPC clients "
                                             "(no authentication: private networks only)")
     rpc.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    rpc.add_argument("--port", "-p", type=int, default=50052)
-    rpc.add_argument("--threads", "-t", type=int, default=0, help="CPU threads (default: the cores available)")
-    rpc.add_argument("--mem", type=int, default=None, metavar="MiB",
+    rpc.add_argument("--port", "-p", type=PORT, default=50052)
+    rpc.add_argument("--threads", "-t", type=THREADS, default=0, help="CPU threads (default: the cores available)")
+    rpc.add_argument("--mem", type=_int_in(1), default=None, metavar="MiB",
                      help="memory to report to clients (default: the device's own); they give each "
                           "server layers in proportion to it")
     rpc.add_argument("--cache", default=None, metavar="DIR",
@@ -173,13 +207,25 @@ def _serve(args: argparse.Namespace) -> int:
     # Loaded before the port opens: a bad file stops here (exit 1), with llama.cpp's reason.
     model = mullama.Model.load(resolve_model(args.model), rpc=args.rpc)
     embedding = mullama.Model.load(resolve_model(args.embedding_model)) if args.embedding_model else None
+    failed: list[str] = []
+
+    def stop(reason: str) -> None:   # the engine could not start: exit instead of answering 503
+        failed.append(reason)
+        server.should_exit = True
+
     app = create_app(model, embedding_model=embedding, parallel=args.parallel, ctx_size=args.ctx_size,
                      api_key=args.api_key, max_waiting=args.max_waiting, model_name=args.alias,
-                     n_threads=args.threads, prompt_cache_mb=args.prompt_cache, chat_template=args.chat_template)
+                     n_threads=args.threads, prompt_cache_mb=args.prompt_cache, chat_template=args.chat_template,
+                     on_start_error=stop)
     # uvloop and httptools where installed ("auto"); uvicorn's SIGINT/SIGTERM handling stops
     # accepting, waits up to --drain seconds for running requests, then closes the engine.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=args.drain, loop="auto", http="auto")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           access_log=False, timeout_graceful_shutdown=args.drain,
+                                           loop="auto", http="auto"))
+    server.run()
+    if failed:
+        print(f"mullama: the server could not start: {failed[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -413,7 +413,8 @@ class _Server:
     def __init__(self, model: str | PathLike[str] | Model | None, embedding_model: str | PathLike[str] | Model | None,
                  *, parallel: int, ctx_size: int | None, api_key: str | None, max_waiting: int | None,
                  model_name: str | None, embedding_model_name: str | None, n_batch: int, n_threads: int,
-                 embedding_ctx_size: int | None, prompt_cache_mb: int = 256, chat_template: str | None = None) -> None:
+                 embedding_ctx_size: int | None, prompt_cache_mb: int = 256, chat_template: str | None = None,
+                 on_start_error: Callable[[str], None] | None = None) -> None:
         if model is None:
             from . import models
 
@@ -438,6 +439,7 @@ class _Server:
         self.chat_template = chat_template
         self.templates: _ChatTemplates | None = None   # llama.cpp's chat layer, for tools and Jinja
         self.error: str | None = None
+        self.on_start_error = on_start_error
         self.active = 0          # engine requests submitted and not finished
         self.prompt_cache = PromptCache(prompt_cache_mb << 20)
         self._embed_lock = anyio.Lock()
@@ -458,6 +460,8 @@ class _Server:
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("could not start: %s", self.error)
+            if self.on_start_error is not None:
+                self.on_start_error(self.error)
 
     def _templates(self) -> _ChatTemplates | None:
         """The chat templates requests are rendered with: the --chat-template override (which
@@ -1061,7 +1065,8 @@ def create_app(model: str | PathLike[str] | Model | None = None, *,
                ctx_size: int | None = None, api_key: str | None = None, max_waiting: int | None = None,
                model_name: str | None = None, embedding_model_name: str | None = None, n_batch: int = 512,
                n_threads: int = 0, embedding_ctx_size: int | None = None, prompt_cache_mb: int = 256,
-               chat_template: str | PathLike[str] | None = None) -> Any:
+               chat_template: str | PathLike[str] | None = None,
+               on_start_error: Callable[[str], None] | None = None) -> Any:
     """An ASGI application serving OpenAI's API from ``model`` (a GGUF path or a loaded
     :class:`mullama.Model`; default: :func:`mullama.models.fetch`).
 
@@ -1080,16 +1085,23 @@ def create_app(model: str | PathLike[str] | Model | None = None, *,
     model's own; llama.cpp's chat layer renders it, and with it builds the grammar and the
     parser of tool calls (``tools``, ``tool_choice``). A model whose template cannot express
     tools answers requests with ``tools`` 400, naming this option.
+
+    A server that cannot start (a model that does not load, a context it cannot create) answers
+    503 with the reason; ``on_start_error`` is called with it too (``mullama serve`` exits).
     """
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel={parallel!r} must be an int >= 1")
     if max_waiting is not None and (isinstance(max_waiting, bool) or not isinstance(max_waiting, int)
                                     or max_waiting < 0):
         raise ValueError(f"max_waiting={max_waiting!r} must be None or an int >= 0")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        # An empty key would turn the check off: a script's unset variable must not open the server.
+        raise ValueError("api_key must be None (no key) or a non-empty str")
     server = _Server(model, embedding_model, parallel=parallel, ctx_size=ctx_size, api_key=api_key,
                      max_waiting=max_waiting, model_name=model_name, embedding_model_name=embedding_model_name,
                      n_batch=n_batch, n_threads=n_threads, embedding_ctx_size=embedding_ctx_size,
-                     prompt_cache_mb=prompt_cache_mb, chat_template=_template_text(chat_template))
+                     prompt_cache_mb=prompt_cache_mb, chat_template=_template_text(chat_template),
+                     on_start_error=on_start_error)
     if isinstance(model, Model) and server.chat_template is not None:
         _ChatTemplates(model, server.chat_template)   # a template that does not parse: ChatTemplateError now
 

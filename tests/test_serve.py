@@ -446,6 +446,37 @@ def test_client_disconnect_cancels_the_request(http):
         time.sleep(0.05)
 
 
+def _serve_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mullama", "serve", *args], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+
+
+@pytest.mark.parametrize("args, words", [(["--port", "70000"], "--port: must be from 0 to 65535"),
+                                         (["--parallel", "0"], "--parallel/-np: must be 1 or more"),
+                                         (["--max-waiting", "-1"], "--max-waiting: must be 0 or more"),
+                                         (["--threads", "-2"], "--threads: must be from 0 to 1024"),
+                                         (["--api-key", ""], "--api-key: must not be empty")])
+def test_bad_serve_arguments_exit_2_naming_them_before_anything_loads(args, words):
+    # An empty key used to start a server without one; the others a traceback, or a late failure.
+    proc = _serve_cli("-m", "no-such-model.gguf", *args)
+    assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_serve_that_cannot_start_its_engine_exits_1_with_the_reason(smollm_path):
+    # It used to keep listening, answering 503 to every request.
+    proc = _serve_cli("-m", str(smollm_path), "--ctx-size", "20", "--port", str(free_port()), *THREADS)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "the server could not start" in proc.stderr and "n_ctx=20" in proc.stderr
+
+
+def test_create_app_refuses_an_empty_api_key():
+    from mullama.server import create_app
+
+    for key in ("", "  "):
+        with pytest.raises(ValueError, match="non-empty"):
+            create_app("model.gguf", api_key=key)
+
+
 def test_max_waiting_answers_503_with_retry_after(smollm_path):
     proc, base = _start(["-m", str(smollm_path), "--parallel", "1", "--max-waiting", "0", "--ctx-size", "1024",
                          *THREADS],
