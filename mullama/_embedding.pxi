@@ -156,21 +156,26 @@ cdef class EmbeddingGenerator:
 
     def embed(self, text):
         """One text -> a 1-D float32 array of ``n_embd`` values."""
-        return self.embed_batch([text])[0]
+        return self._embed([text], True)[0]
 
     def embed_batch(self, texts):
         """Many texts -> a 2-D float32 array, one row per text, several texts per decode."""
         if isinstance(texts, (str, bytes)) or not hasattr(texts, "__iter__"):
             raise InvalidArgumentError("texts must be a list of str; for one text use embed()")
+        return self._embed(texts, False)
+
+    cdef object _embed(self, object texts, bint one):
+        """The rows of texts; an error names ``text`` (one) or ``texts[i]``."""
         self.pooled.core.check()
         cdef long long ticket = self.pooled.core.ticket()
         cdef Model model = self.pooled.core.model
         seqs = []
         for i, text in enumerate(texts):
+            where = "text" if one else f"texts[{i}]"
             if not isinstance(text, str):
-                raise InvalidArgumentError(f"texts[{i}] is {type(text).__name__}, not str")
-            ids = model._tokenize_bytes(_utf8(text, f"texts[{i}]"), True, False)
-            self.pooled.check_length(ids, f"texts[{i}]")
+                raise InvalidArgumentError(f"{where} is {type(text).__name__}, not str")
+            ids = model._tokenize_bytes(_utf8(text, where), True, False)
+            self.pooled.check_length(ids, where)
             seqs.append(ids)
         return self.pooled.run(ticket, seqs, self.normalize, "embedding texts")
 

@@ -72,6 +72,15 @@ def test_embed_batch_bad_input(gen, bad, exc):
     assert gen.embed("still works").shape == (384,)
 
 
+def test_embed_names_its_one_text_and_embed_batch_the_index(gen):
+    with pytest.raises(mullama.InvalidArgumentError, match=r"^text is int, not str"):
+        gen.embed(5)
+    with pytest.raises(mullama.ContextOverflowError, match=r"^text is \d+ tokens"):
+        gen.embed("word " * 1000)
+    with pytest.raises(mullama.InvalidArgumentError, match=r"^texts\[1\] is bytes"):
+        gen.embed_batch(["fine", b"bytes"])
+
+
 def test_context_get_embeddings(minilm, minilm_reference):
     with mullama.Context(minilm, n_ctx=512, embeddings=True) as ctx:
         with pytest.raises(mullama.InvalidArgumentError, match="nothing has been decoded"):
