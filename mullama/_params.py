@@ -288,6 +288,12 @@ def _parse_grammar(text: str) -> None:
     _check_grammar(text)
 
 
+def renamed(exc: Exception, name: str) -> str:
+    """The message of a json_schema or grammar error, with that SamplerParams field called
+    ``name``: what a caller's user gave it as (a request's field, a tool's parameters)."""
+    return str(exc).replace("SamplerParams.json_schema", name).replace("SamplerParams.grammar", name)
+
+
 def schema_grammar(schema: Mapping[str, Any], *, patterns: bool = True) -> str:
     """The GBNF grammar llama.cpp's ``json_schema_to_grammar`` makes of a JSON schema. With
     ``patterns`` a string pattern the converter cannot translate is refused, not ignored."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from ._errors import ChatTemplateError, GrammarError
 from ._llama import _ChatParser, _ChatTemplates
-from ._params import MAX_STOPS, SamplerParams, schema_grammar
+from ._params import MAX_STOPS, SamplerParams, renamed, schema_grammar
 
 __all__ = ["FieldError", "ToolRequest", "ChatPlan", "read_messages", "read_tools", "plan", "DeltaMaker"]
 
@@ -140,7 +140,7 @@ def _check_parameters(schema: dict[str, Any], where: str) -> None:
     try:
         schema_grammar(schema, patterns=False)
     except (GrammarError, TypeError) as exc:
-        raise FieldError(where, str(exc).replace("SamplerParams.json_schema", "the schema")) from None
+        raise FieldError(where, renamed(exc, "the schema")) from None
 
 
 def read_tools(body: Mapping[str, Any]) -> ToolRequest:

@@ -51,7 +51,7 @@ from ._errors import (
     RPCServerLostError,
 )
 from ._llama import Model, _ChatTemplates
-from ._params import MAX_STOP_LENGTH, MAX_STOPS, SamplerParams
+from ._params import MAX_STOP_LENGTH, MAX_STOPS, SamplerParams, renamed
 from ._prompt_cache import PromptCache
 from .aio import AsyncEmbeddingGenerator, AsyncEngine, load_model
 
@@ -250,7 +250,7 @@ def _sampler(body: Mapping[str, Any], n_vocab: int, n_probs: int, logprobs: bool
 
 def _grammar_error(exc: GrammarError, field: str) -> APIError:
     """A grammar error named by the request's field, not by the SamplerParams one it became."""
-    message = str(exc).replace("SamplerParams.json_schema", field).replace("SamplerParams.grammar", field)
+    message = renamed(exc, field)
     if not message.startswith(field):
         message = f"{field}: {message}"
     return APIError(400, message, param=field, code="invalid_grammar")
