@@ -14,6 +14,16 @@ cdef int _declared_pooling(Model model):
 _RANKER = "this is a reranking model (rank pooling); it gives scores, not embeddings: use Reranker"
 
 
+cdef int _seqs_dividing(int n_batch, int n_seq_max) noexcept:
+    """The most sequences per decode, at most n_seq_max, that divide n_batch: what a pooled
+    context needs (see _context_params). n_seq_max only caps how many texts share a decode, so
+    it is lowered rather than refused."""
+    cdef int n = min(n_seq_max, n_batch)
+    while n_batch % n:
+        n -= 1
+    return n
+
+
 @cython.no_gc_clear   # its native context is freed by its owner
 cdef class _Pooled:
     """One context that pools each sequence of a decode into a row of ``width`` floats: the
@@ -27,8 +37,10 @@ cdef class _Pooled:
     cdef _Pooled open(Model model, object n_ctx, object n_threads, object n_seq_max, object flash_attn,
                       object pooling, int width):
         _check_int(n_ctx, "n_ctx", 8, 1 << 20)
+        _check_int(n_seq_max, "n_seq_max", 1, llama_max_parallel_sequences())
         cdef _Pooled p = _Pooled.__new__(_Pooled)
-        p.core = _NativeContext.open(model, n_ctx, n_ctx, n_threads, True, n_seq_max, flash_attn, {}, pooling)
+        p.core = _NativeContext.open(model, n_ctx, n_ctx, n_threads, True, _seqs_dividing(n_ctx, n_seq_max),
+                                     flash_attn, {}, pooling)
         p.width = width
         p.lock = threading.Lock()
         return p

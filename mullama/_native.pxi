@@ -366,6 +366,7 @@ cdef llama_context_params _context_params(Model model, object n_ctx, object n_ba
     _check_int(n_batch, "n_batch", 1, 1 << 20)
     _check_int(n_threads, "n_threads", 0, 1024)
     _check_int(n_seq_max, "n_seq_max", 1, llama_max_parallel_sequences())
+    _check_batch_fits_sequences(n_ctx or model.n_ctx_train, n_batch, n_seq_max, embeddings)
     cdef llama_context_params p = llama_context_default_params()
     rope = {k: v for k, v in rope.items() if v is not None}   # None: the model's own
     _set_rope(&p, rope)
@@ -390,6 +391,27 @@ cdef llama_context_params _context_params(Model model, object n_ctx, object n_ba
     if pooling is not None:
         p.pooling_type = <llama_pooling_type> <int> pooling
     return p
+
+
+cdef int _check_batch_fits_sequences(int n_ctx, int n_batch, int n_seq_max, bint embeddings) except -1:
+    """llama.cpp sizes a context for a micro-batch of n_batch tokens (at most n_ctx, for a causal
+    model) from n_seq_max sequences, and aborts the process while creating one where that cannot
+    be: fewer tokens than sequences (an output row each), or, for pooled embeddings, tokens that
+    do not divide evenly among the sequences (it rounds the tokens up, past the pooling matrix
+    it built)."""
+    cdef int batch = min(n_batch, n_ctx)
+    what = f"n_batch={n_batch}" if batch == n_batch else f"n_batch={n_batch} (at most n_ctx={n_ctx})"
+    if n_seq_max > batch:
+        raise InvalidArgumentError(
+            f"n_seq_max={n_seq_max} is more than {what}: a batch needs room for a token of every "
+            "sequence; raise n_batch and n_ctx, or lower n_seq_max"
+        )
+    if embeddings and batch % n_seq_max:
+        raise InvalidArgumentError(
+            f"with embeddings, {what} must be a multiple of n_seq_max={n_seq_max} (llama.cpp pools "
+            "a micro-batch of n_batch tokens shared evenly among n_seq_max sequences)"
+        )
+    return 0
 
 
 _ROPE_SCALING = {"none": LLAMA_ROPE_SCALING_TYPE_NONE, "linear": LLAMA_ROPE_SCALING_TYPE_LINEAR,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import mmap
 import os
 import random
@@ -217,6 +218,52 @@ def test_objects_dropped_in_any_order(smollm_path, greedy):
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr[-2000:]
+
+
+# Sizes llama.cpp aborted the process on while creating the context: an n_ctx that 64 (the
+# default n_seq_max) does not divide, or below 64 (before the generator fitted n_seq_max).
+ODD_SIZES = textwrap.dedent("""
+    import json, sys, numpy, mullama
+    m = mullama.Model.load(sys.argv[1])
+    texts = ["a cat", "dogs run in the park", "hello there, how are you?", "x"] * 3
+    with mullama.EmbeddingGenerator(m) as g:
+        want = g.embed_batch(texts)
+    worst = {}
+    for n_ctx in (8 * 3, 48, 96, 97, 300):
+        with mullama.EmbeddingGenerator(m, n_ctx=n_ctx) as g:
+            worst[n_ctx] = float(numpy.abs(g.embed_batch(texts) - want).max())
+    print(json.dumps(worst))
+""")
+
+
+def test_embedding_generators_of_any_size_work(minilm_path):
+    proc = subprocess.run([sys.executable, "-c", ODD_SIZES, str(minilm_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    worst = json.loads(proc.stdout)
+    assert len(worst) == 5 and max(worst.values()) < 1e-3, worst   # unit vectors; decodes differ in batch makeup
+
+
+ODD_CONTEXTS = textwrap.dedent("""
+    import sys, mullama
+    m = mullama.Model.load(sys.argv[1])
+    for kw in (dict(n_batch=3, n_seq_max=4), dict(embeddings=True, n_batch=96, n_seq_max=64)):
+        try:
+            mullama.Context(m, n_ctx=512, **kw)
+        except mullama.InvalidArgumentError as exc:
+            print(exc)
+""")
+
+
+@pytest.mark.parametrize("which", ["smollm", "minilm"])
+def test_contexts_llama_cpp_cannot_size_are_refused_by_name(which, smollm_path, minilm_path):
+    path = smollm_path if which == "smollm" else minilm_path
+    proc = subprocess.run([sys.executable, "-c", ODD_CONTEXTS, str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = proc.stdout.strip().splitlines()
+    assert "n_seq_max=4 is more than n_batch=3" in first
+    assert "n_batch=96 must be a multiple of n_seq_max=64" in second
 
 
 def test_one_model_eight_threads_generating(smollm, greedy):
