@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -152,31 +153,45 @@ class Settings:
         ]
         for name, option in SANITIZERS.items():
             args.append(f"-D{option}={onoff(name in self.sanitize)}")
-        if self.native and NO_AMX:
-            args += [f"-DCMAKE_C_FLAGS={without_amx('CFLAGS')}", f"-DCMAKE_CXX_FLAGS={without_amx('CXXFLAGS')}"]
+        if self.native:
+            args.append(f"-DCMAKE_CXX_FLAGS={with_amx_fix(self.cache_dir)}")
         return args
 
 
-def _no_amx() -> list[str]:
-    """The compiler flags that keep -march=native from building ggml's AMX kernels: in the
-    pinned release they crash the first batch of two or more tokens on some Intel Xeons with
-    AMX (llama.cpp's own llama-bench included; upstream issue 20824). Empty where the compiler
-    has no such flags (and so no AMX to turn off)."""
-    flags = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
-    cxx = os.environ.get("CXX") or "c++"
-    try:
-        probe = subprocess.run([cxx, *flags, "-x", "c++", "-E", "-"], input=b"", capture_output=True)
-    except OSError:
-        return []
-    return flags if probe.returncode == 0 else []
+# GCC (12, at least) declares _tile_loadconfig's memory operand as one pointer, not the 64-byte
+# tile configuration it reads, so the optimiser drops the stores that fill a configuration built
+# on the stack: ggml's AMX kernels (amx/mmq.cpp, ggml_tile_config_init) then run with a garbage
+# configuration and crash the first batch of two or more tokens (SIGILL or SIGSEGV; upstream
+# issue 20824). Force-included into every C++ file of a native build, this header redefines
+# the intrinsic with the whole configuration as its operand; it does nothing where the compiler
+# targets no AMX, or is clang, whose intrinsic is a builtin.
+AMX_TILE_FIX = """\
+#if defined(__cplusplus) && defined(__AMX_TILE__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#undef _tile_loadconfig
+#define _tile_loadconfig(config) \\
+    __asm__ volatile("ldtilecfg\\t%X0" :: "m"(*(const unsigned char (*)[64])(config)))
+#endif
+"""
 
 
-NO_AMX = _no_amx()
+def amx_fix_header(cache_dir: Path) -> Path:
+    """Where the build cache keeps AMX_TILE_FIX, named by its content (so a changed fix changes
+    the build's cache key); written once, atomically."""
+    digest = hashlib.sha256(AMX_TILE_FIX.encode()).hexdigest()[:12]
+    path = cache_dir / f"ggml-amx-tile-fix-{digest}.h"
+    if not path.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(AMX_TILE_FIX)
+        os.replace(tmp, path)
+    return path
 
 
-def without_amx(var: str) -> str:
-    """The compiler flags in environment variable var (CFLAGS, CXXFLAGS) and NO_AMX."""
-    return " ".join([os.environ.get(var, ""), *NO_AMX]).strip()
+def with_amx_fix(cache_dir: Path) -> str:
+    """The C++ flags of environment variable CXXFLAGS and the force-included AMX_TILE_FIX: what
+    llama.cpp's native builds are compiled with, mullama's and its benchmark peers' alike."""
+    return " ".join([os.environ.get("CXXFLAGS", ""), "-include", shlex.quote(str(amx_fix_header(cache_dir)))]).strip()
 
 
 def _run(cmd: list[str], **kw) -> None:

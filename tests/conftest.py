@@ -111,6 +111,13 @@ def minilm_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_f16_path(minilm_folder) -> Path:
+    """The embedding model converted to f16 on every machine (fetch gives q8_0 where the build
+    has AMX): for tests that compare vectors more closely than q8_0's rounding allows."""
+    return mullama.models.convert(minilm_folder, outtype="f16")
+
+
+@pytest.fixture(scope="session")
 def minilm(minilm_path) -> mullama.Model:
     return mullama.Model.load(minilm_path)
 

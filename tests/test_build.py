@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -60,13 +64,70 @@ def test_cached_build_is_reused_quickly(vendor_dir):
     assert elapsed < 30, f"a cached build took {elapsed:.1f} s"
 
 
-def test_native_builds_leave_out_ggml_amx_kernels():
-    # In the pinned release they crash the first batch of two or more tokens on some Xeons with
-    # AMX, llama.cpp's own llama-bench included; -march=native would otherwise compile them in.
-    # A compiler without the flags (not x86) has no AMX to leave out.
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_native_builds_force_include_the_amx_tile_fix():
     args = Settings.from_env({}).cmake_args()
-    assert any(a.startswith("-DCMAKE_CXX_FLAGS=") and "-mno-amx-int8" in a for a in args) == bool(build_llama.NO_AMX)
-    assert not any("AMX" in a for a in Settings.from_env({"MULLAMA_NATIVE": "0"}).cmake_args())
+    flags = [a for a in args if a.startswith("-DCMAKE_CXX_FLAGS=")]
+    assert len(flags) == 1, args
+    words = flags[0].removeprefix("-DCMAKE_CXX_FLAGS=").split()
+    header = Path(words[words.index("-include") + 1])
+    assert header.read_text() == build_llama.AMX_TILE_FIX
+    assert not any("CMAKE_CXX_FLAGS" in a for a in Settings.from_env({"MULLAMA_NATIVE": "0"}).cmake_args())
+
+
+def test_this_build_has_ggml_amx_kernels_where_the_cpu_has_amx():
     import mullama
 
-    assert "AMX_INT8 = 1" not in mullama.system_info()   # the library this test process runs
+    assert ("AMX_INT8 = 1" in mullama.system_info()) == ("amx_int8" in _cpu_flags())
+
+
+# Builds a tile configuration on the stack as ggml's ggml_tile_config_init does, loads it, and
+# prints what the CPU holds. With GCC 12's own _tile_loadconfig the stores that fill it are
+# optimised away and the CPU holds palette 0, on which ggml's AMX kernels crash.
+TILE_CONFIG_PROGRAM = r"""
+#include <immintrin.h>
+#include <cstdio>
+#include <unistd.h>
+#include <sys/syscall.h>
+struct alignas(64) config { unsigned char palette, start_row, reserved[14]; unsigned short colsb[16]; unsigned char rows[16]; };
+__attribute__((noinline)) static void load() {
+    config c = {};
+    c.palette = 1;
+    c.rows[0] = 8;
+    c.colsb[0] = 64;
+    _tile_loadconfig(&c);
+}
+int main() {
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */)) return 2;
+    load();
+    alignas(64) unsigned char held[64] = {};
+    // Not _tile_storeconfig: GCC 12 declares its output as one pointer, too.
+    __asm__ volatile("sttilecfg %0" : "=m"(held));
+    std::printf("%d %d %d\n", held[0], held[48], held[16]);
+    return 0;
+}
+"""
+
+
+def test_the_amx_tile_fix_makes_the_cpu_hold_the_configuration_built(tmp_path):
+    cxx = os.environ.get("CXX") or "c++"
+    src = tmp_path / "tile.cpp"
+    src.write_text(TILE_CONFIG_PROGRAM)
+    header = build_llama.amx_fix_header(tmp_path)
+    exe = tmp_path / "tile"
+    build = subprocess.run([cxx, "-O2", "-mamx-tile", "-include", str(header), str(src), "-o", str(exe)],
+                           capture_output=True, text=True)
+    if build.returncode and "amx" in build.stderr and platform.machine() not in ("x86_64", "AMD64"):
+        return   # not x86: no AMX, and no kernels to fix
+    assert build.returncode == 0, build.stderr
+    if "amx_tile" not in _cpu_flags():
+        return   # compiled; this CPU cannot run it
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0, run
+    assert run.stdout.split() == ["1", "8", "64"]

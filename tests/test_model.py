@@ -226,6 +226,27 @@ def test_failed_load_reason_reaches_logging(tmp_path, smollm_path, caplog):
     assert any(r.name == "mullama" for r in caplog.records)
 
 
+def _weight_buffers(path, caplog, **load) -> list[str]:
+    """llama.cpp's log lines naming the buffers a load put the weights in ("AMX model buffer size = ...")."""
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mullama"):
+        mullama.Model.load(path, **load).close()
+    return [r.getMessage() for r in caplog.records if "model buffer size" in r.getMessage()]
+
+
+def test_amx_takes_quantized_weights_and_leaves_f16_ones_to_the_cpu(tmp_path, smollm_path, minilm_folder, caplog):
+    # ggml's AMX buffer multiplies F16 weights at about half the speed of the CPU's own f16
+    # GEMM, so a model of mostly F16 weights loads without it; quantized ones gain from it.
+    amx = "AMX_INT8 = 1" in mullama.system_info()
+    assert any("AMX model buffer" in line for line in _weight_buffers(smollm_path, caplog)) == amx
+    f16 = mullama.models.convert(minilm_folder, outtype="f16", out=tmp_path / "m-f16.gguf")
+    lines = _weight_buffers(f16, caplog)
+    assert lines and not any("AMX model buffer" in line for line in lines), lines
+    # repack= overrides the choice both ways.
+    assert not any("AMX model buffer" in line for line in _weight_buffers(smollm_path, caplog, repack=False))
+    assert any("AMX model buffer" in line for line in _weight_buffers(f16, caplog, repack=True)) == amx
+
+
 def test_hostile_files_never_crash_the_interpreter(tmp_path, smollm_path):
     # Random bytes after a GGUF magic, and absurd header counts: each must be an exception.
     import random

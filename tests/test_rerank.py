@@ -53,13 +53,13 @@ def head() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def reranker_model(minilm_path, head, tmp_path_factory) -> mullama.Model:
-    return mullama.Model.load(_rewrite(minilm_path, tmp_path_factory.mktemp("rr") / "rerank.gguf", RANK, head))
+def reranker_model(minilm_f16_path, head, tmp_path_factory) -> mullama.Model:
+    return mullama.Model.load(_rewrite(minilm_f16_path, tmp_path_factory.mktemp("rr") / "rerank.gguf", RANK, head))
 
 
 @pytest.fixture(scope="module")
-def cls_model(minilm_path, tmp_path_factory) -> mullama.Model:
-    return mullama.Model.load(_rewrite(minilm_path, tmp_path_factory.mktemp("cls") / "cls.gguf", CLS, None))
+def cls_model(minilm_f16_path, tmp_path_factory) -> mullama.Model:
+    return mullama.Model.load(_rewrite(minilm_f16_path, tmp_path_factory.mktemp("cls") / "cls.gguf", CLS, None))
 
 
 def _pair_tokens(model: mullama.Model, query: str, doc: str) -> list[int]:

