@@ -173,13 +173,13 @@ AMX_TILE_FIX = """\
     __asm__ volatile("ldtilecfg\\t%X0" :: "m"(*(const unsigned char (*)[64])(config)))
 #endif
 """
+AMX_TILE_FIX_DIGEST = hashlib.sha256(AMX_TILE_FIX.encode()).hexdigest()
 
 
 def amx_fix_header(cache_dir: Path) -> Path:
     """Where the build cache keeps AMX_TILE_FIX, named by its content (so a changed fix changes
     the build's cache key); written once, atomically."""
-    digest = hashlib.sha256(AMX_TILE_FIX.encode()).hexdigest()[:12]
-    path = cache_dir / f"ggml-amx-tile-fix-{digest}.h"
+    path = cache_dir / f"ggml-amx-tile-fix-{AMX_TILE_FIX_DIGEST[:12]}.h"
     if not path.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

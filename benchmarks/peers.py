@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -32,7 +31,7 @@ def _native_env() -> dict[str, str]:
 
 
 # Peers built with other flags (before the AMX fix, say) live in other folders.
-FLAGS_TAG = hashlib.sha256(build_llama.AMX_TILE_FIX.encode()).hexdigest()[:8]
+FLAGS_TAG = build_llama.AMX_TILE_FIX_DIGEST[:8]
 
 
 def llama_tools() -> dict[str, Path]:

