@@ -15,6 +15,7 @@ Settings (environment variables):
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -154,7 +155,9 @@ class Settings:
         for name, option in SANITIZERS.items():
             args.append(f"-D{option}={onoff(name in self.sanitize)}")
         if self.native:
-            args.append(f"-DCMAKE_CXX_FLAGS={with_amx_fix(self.cache_dir)}")
+            args.append(f"-DCMAKE_CXX_FLAGS={native_cxx_flags(self.cache_dir)}")
+            if native_c_flags():
+                args.append(f"-DCMAKE_C_FLAGS={native_c_flags()}")
         return args
 
 
@@ -188,10 +191,48 @@ def amx_fix_header(cache_dir: Path) -> Path:
     return path
 
 
-def with_amx_fix(cache_dir: Path) -> str:
-    """The C++ flags of environment variable CXXFLAGS and the force-included AMX_TILE_FIX: what
-    llama.cpp's native builds are compiled with, mullama's and its benchmark peers' alike."""
-    return " ".join([os.environ.get("CXXFLAGS", ""), "-include", shlex.quote(str(amx_fix_header(cache_dir)))]).strip()
+# ggml's F16 vector code (simd-mappings.h) computes in half precision where the compiler targets
+# AVX512-FP16, in steps of 128 elements, and leaves shorter rows wholly to its scalar loop (a
+# table lookup per element): the 64-wide attention heads of many small models, which flash
+# attention's per-row kernel walks one cached token at a time. Without that ISA the same code
+# converts to F32 in steps of 64 and accumulates in F32: on this project's Xeon, generation
+# 400 tokens into a chat ran 1.7x faster and the next 18 prompt tokens 2.7x (SmolLM2), with
+# 256-wide heads (Gemma 3) and embeddings unchanged (benchmarks/NOTES.md).
+NO_FP16_ARITH = "-mno-avx512fp16"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_accepts(compiler: str, flag: str) -> bool:
+    try:
+        probe = subprocess.run([compiler, flag, "-x", "c", "-fsyntax-only", "-"], input="", capture_output=True,
+                               text=True)
+    except OSError:
+        return False   # no such compiler: the build will say so
+    return probe.returncode == 0
+
+
+def _native_isa_flags() -> list[str]:
+    """The ISA options added to -march=native: NO_FP16_ARITH where the compilers know it (x86)."""
+    compilers = [os.environ.get("CC") or "cc", os.environ.get("CXX") or "c++"]
+    return [NO_FP16_ARITH] if all(_compiler_accepts(c, NO_FP16_ARITH) for c in compilers) else []
+
+
+def native_cxx_flags(cache_dir: Path) -> str:
+    """The C++ flags of llama.cpp's native builds, mullama's and its benchmark peers' alike:
+    environment variable CXXFLAGS, the ISA options and the force-included AMX_TILE_FIX."""
+    include = ["-include", shlex.quote(str(amx_fix_header(cache_dir)))]
+    return " ".join([os.environ.get("CXXFLAGS", ""), *_native_isa_flags(), *include]).strip()
+
+
+def native_c_flags() -> str:
+    """The C flags of llama.cpp's native builds: environment variable CFLAGS and the ISA options."""
+    return " ".join([os.environ.get("CFLAGS", ""), *_native_isa_flags()]).strip()
+
+
+def native_flags_digest() -> str:
+    """Names what native builds are compiled with beyond CFLAGS and CXXFLAGS, for the folders of
+    peers built with it."""
+    return hashlib.sha256(" ".join([AMX_TILE_FIX_DIGEST, *_native_isa_flags()]).encode()).hexdigest()
 
 
 def _run(cmd: list[str], **kw) -> None:

@@ -24,14 +24,15 @@ def _run(cmd, **kw):
 
 
 def _native_env() -> dict[str, str]:
-    """This environment with the C++ flags of mullama's own native build (the force-included
-    fix that lets ggml's AMX kernels run, build_llama.AMX_TILE_FIX): the builds of peers read
-    CXXFLAGS."""
-    return dict(os.environ, CXXFLAGS=build_llama.with_amx_fix(build_llama.Settings.from_env().cache_dir))
+    """This environment with the C and C++ flags of mullama's own native build (the ISA options,
+    and the force-included fix that lets ggml's AMX kernels run): the builds of peers read
+    CFLAGS and CXXFLAGS."""
+    return dict(os.environ, CFLAGS=build_llama.native_c_flags(),
+                CXXFLAGS=build_llama.native_cxx_flags(build_llama.Settings.from_env().cache_dir))
 
 
 # Peers built with other flags (before the AMX fix, say) live in other folders.
-FLAGS_TAG = build_llama.AMX_TILE_FIX_DIGEST[:8]
+FLAGS_TAG = build_llama.native_flags_digest()[:8]
 
 
 def llama_tools() -> dict[str, Path]:
@@ -53,8 +54,10 @@ def llama_cpp_python() -> Path:
     _run([sys.executable, "-m", "venv", str(venv)])
     env = dict(_native_env(), CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF",
                CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
-    _run([str(py), "-m", "pip", "install", "-q", "--no-binary", "llama-cpp-python", "llama-cpp-python==0.3.36",
-          "numpy"], env=env)
+    # --no-cache-dir: pip would otherwise install the wheel it built for an earlier peer folder,
+    # compiled with that folder's flags (the AMX fix missing, say), however CXXFLAGS reads now.
+    _run([str(py), "-m", "pip", "install", "-q", "--no-cache-dir", "--no-binary", "llama-cpp-python",
+          "llama-cpp-python==0.3.36", "numpy"], env=env)
     return py
 
 

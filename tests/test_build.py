@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -131,3 +132,35 @@ def test_the_amx_tile_fix_makes_the_cpu_hold_the_configuration_built(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0, run
     assert run.stdout.split() == ["1", "8", "64"]
+
+
+# What ggml's F16 vector code (simd-mappings.h) compiles to under a native build's flags: the
+# number of elements its SIMD loop takes per step, 0 where it has none.
+F16_STEP_PROGRAM = r"""
+#include "simd-mappings.h"
+#include <cstdio>
+int main() {
+#if defined(GGML_SIMD) && defined(GGML_F16_STEP)
+    std::printf("%d\n", (int) GGML_F16_STEP);
+#else
+    std::printf("0\n");
+#endif
+}
+"""
+
+
+def test_native_builds_run_64_wide_f16_rows_in_simd_code(tmp_path):
+    # With AVX512-FP16 the step is 128, and the 64-wide attention heads of small models (SmolLM2)
+    # fall wholly into ggml's scalar loop in flash attention's per-row kernel.
+    settings = Settings.from_env({})
+    flags = next(a for a in settings.cmake_args() if a.startswith("-DCMAKE_CXX_FLAGS="))
+    ggml = settings.source_dir / "ggml"
+    src = tmp_path / "step.cpp"
+    src.write_text(F16_STEP_PROGRAM)
+    exe = tmp_path / "step"
+    cxx = os.environ.get("CXX") or "c++"
+    subprocess.run([cxx, "-O2", "-march=native", *shlex.split(flags.removeprefix("-DCMAKE_CXX_FLAGS=")),
+                    f"-I{ggml / 'include'}", f"-I{ggml / 'src'}", f"-I{ggml / 'src' / 'ggml-cpu'}",
+                    str(src), "-o", str(exe)], check=True)
+    step = int(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout)
+    assert step == 0 or 64 % step == 0, f"ggml's F16 loop takes {step} elements per step"
