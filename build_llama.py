@@ -156,8 +156,9 @@ class Settings:
             args.append(f"-D{option}={onoff(name in self.sanitize)}")
         if self.native:
             args.append(f"-DCMAKE_CXX_FLAGS={native_cxx_flags(self.cache_dir)}")
-            if native_c_flags():
-                args.append(f"-DCMAKE_C_FLAGS={native_c_flags()}")
+            c_flags = native_c_flags()
+            if c_flags:
+                args.append(f"-DCMAKE_C_FLAGS={c_flags}")
         return args
 
 

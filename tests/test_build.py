@@ -72,11 +72,15 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _cmake_flags(args: list[str], name: str) -> list[str]:
+    """The words of the one -D<name>= among CMake arguments; none where it is absent."""
+    found = [a.removeprefix(f"-D{name}=") for a in args if a.startswith(f"-D{name}=")]
+    assert len(found) <= 1, args
+    return shlex.split(found[0]) if found else []
+
+
 def test_native_builds_force_include_the_amx_tile_fix():
-    args = Settings.from_env({}).cmake_args()
-    flags = [a for a in args if a.startswith("-DCMAKE_CXX_FLAGS=")]
-    assert len(flags) == 1, args
-    words = flags[0].removeprefix("-DCMAKE_CXX_FLAGS=").split()
+    words = _cmake_flags(Settings.from_env({}).cmake_args(), "CMAKE_CXX_FLAGS")
     header = Path(words[words.index("-include") + 1])
     assert header.read_text() == build_llama.AMX_TILE_FIX
     assert not any("CMAKE_CXX_FLAGS" in a for a in Settings.from_env({"MULLAMA_NATIVE": "0"}).cmake_args())
@@ -135,32 +139,35 @@ def test_the_amx_tile_fix_makes_the_cpu_hold_the_configuration_built(tmp_path):
 
 
 # What ggml's F16 vector code (simd-mappings.h) compiles to under a native build's flags: the
-# number of elements its SIMD loop takes per step, 0 where it has none.
+# number of elements its SIMD loop takes per step, 0 where it has none. Valid C and C++: ggml
+# has files of both.
 F16_STEP_PROGRAM = r"""
 #include "simd-mappings.h"
-#include <cstdio>
-int main() {
+#include <stdio.h>
+int main(void) {
 #if defined(GGML_SIMD) && defined(GGML_F16_STEP)
-    std::printf("%d\n", (int) GGML_F16_STEP);
+    printf("%d\n", (int) GGML_F16_STEP);
 #else
-    std::printf("0\n");
+    printf("0\n");
 #endif
+    return 0;
 }
 """
 
 
-def test_native_builds_run_64_wide_f16_rows_in_simd_code(tmp_path):
+@pytest.mark.parametrize("language", ["c", "c++"])
+def test_native_builds_run_64_wide_f16_rows_in_simd_code(tmp_path, language):
     # With AVX512-FP16 the step is 128, and the 64-wide attention heads of small models (SmolLM2)
     # fall wholly into ggml's scalar loop in flash attention's per-row kernel.
     settings = Settings.from_env({})
-    flags = next(a for a in settings.cmake_args() if a.startswith("-DCMAKE_CXX_FLAGS="))
+    name, compiler = ("CMAKE_C_FLAGS", os.environ.get("CC") or "cc") if language == "c" else \
+        ("CMAKE_CXX_FLAGS", os.environ.get("CXX") or "c++")
+    flags = _cmake_flags(settings.cmake_args(), name)
     ggml = settings.source_dir / "ggml"
-    src = tmp_path / "step.cpp"
+    src = tmp_path / "step.txt"
     src.write_text(F16_STEP_PROGRAM)
     exe = tmp_path / "step"
-    cxx = os.environ.get("CXX") or "c++"
-    subprocess.run([cxx, "-O2", "-march=native", *shlex.split(flags.removeprefix("-DCMAKE_CXX_FLAGS=")),
-                    f"-I{ggml / 'include'}", f"-I{ggml / 'src'}", f"-I{ggml / 'src' / 'ggml-cpu'}",
-                    str(src), "-o", str(exe)], check=True)
+    subprocess.run([compiler, "-O2", "-march=native", *flags, f"-I{ggml / 'include'}", f"-I{ggml / 'src'}",
+                    f"-I{ggml / 'src' / 'ggml-cpu'}", "-x", language, str(src), "-o", str(exe)], check=True)
     step = int(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout)
     assert step == 0 or 64 % step == 0, f"ggml's F16 loop takes {step} elements per step"
