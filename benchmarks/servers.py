@@ -4,6 +4,7 @@ chat's second turn, and eight chats sharing one system prompt."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import subprocess
@@ -63,13 +64,16 @@ def _together(base: str, bodies: list[dict], path="/v1/completions") -> tuple[fl
     return sum(n for _, n in out) / (time.perf_counter() - t0), [ttft * 1000 for ttft, _ in out]
 
 
-def _servers(model_path, tools):
+def _servers(model_path, tools, flash_attn="auto"):
+    """Both servers, with the same slots, context, threads and flash attention setting."""
     mport, sport = _free_port(), _free_port()
     mine = subprocess.Popen([sys.executable, "-m", "mullama", "serve", "-m", str(model_path), "-np", str(SLOTS),
-                             "-c", str(CTX), "-t", str(THREADS), "--port", str(mport), "--log-level", "warning"],
+                             "-c", str(CTX), "-t", str(THREADS), "--port", str(mport), "--log-level", "warning",
+                             "--flash-attn", flash_attn],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peer = subprocess.Popen([str(tools["llama-server"]), "-m", str(model_path), "-np", str(SLOTS), "-c", str(CTX),
-                             "-t", str(THREADS), "--host", "127.0.0.1", "--port", str(sport), "--no-webui"],
+                             "-t", str(THREADS), "--host", "127.0.0.1", "--port", str(sport), "--no-webui",
+                             "-fa", flash_attn],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     return {"mullama serve": (mine, f"http://127.0.0.1:{mport}"),
             "llama-server -np 8": (peer, f"http://127.0.0.1:{sport}")}
@@ -107,7 +111,7 @@ def _widths(t: Table, servers, reps, widths, n):
                 t.add(f"HTTP time to first token, {width} clients (ms)", name, ttfts[name], "ms")
 
 
-def _second_turn(t: Table, servers, reps):
+def _second_turn(t: Table, servers, reps, setting=""):
     """A chat of about 400 tokens, then its next turn: TTFT of each."""
     firsts: dict = {s: [] for s in servers}
     seconds: dict = {s: [] for s in servers}
@@ -132,9 +136,9 @@ def _second_turn(t: Table, servers, reps):
             firsts[name].append(ttft1 * 1000)
             seconds[name].append(ttft2 * 1000)
     for name in servers:
-        t.add("HTTP chat, first turn of ~400 tokens, TTFT (ms)", name, firsts[name], "ms")
+        t.add(f"HTTP chat, first turn of ~400 tokens, TTFT (ms){setting}", name, firsts[name], "ms")
     for name in servers:
-        t.add("HTTP chat, its second turn, TTFT (ms)", name, seconds[name], "ms")
+        t.add(f"HTTP chat, its second turn, TTFT (ms){setting}", name, seconds[name], "ms")
 
 
 def _prompt_decoded(base: str, replies: list[dict]) -> float:
@@ -179,20 +183,31 @@ def _shared_system(t: Table, servers, reps):
 
 
 def bench_servers(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128):
-    servers = _servers(model_path, tools)
-    try:
-        for name, (proc, base) in servers.items():
-            _wait_http(base + "/health", proc)
-        for _, base in servers.values():   # the same warm-up for both
-            import httpx
-
-            httpx.post(base + "/v1/completions", json={"prompt": "Hello", "max_tokens": 8, "temperature": 0.0},
-                       timeout=600).raise_for_status()
+    with _running(model_path, tools) as servers:
         # Each width's repetition is short (2-9 s) and both servers' rates move by 10-25% between
         # repetitions on a shared 2-core host: twice the repetitions narrow the paired ratio.
         _widths(t, servers, 2 * reps, widths, n)
         _second_turn(t, servers, reps)
         _shared_system(t, servers, reps)
+    # On a CPU, flash attention's kernel for a few new tokens over a long cache is what a next
+    # turn mostly costs; the same chats with it off on both servers show the other side.
+    with _running(model_path, tools, "off") as servers:
+        _second_turn(t, servers, reps, ", flash attention off")
+
+
+@contextlib.contextmanager
+def _running(model_path, tools, flash_attn="auto"):
+    """Both servers started, warmed up the same way, and stopped at the end."""
+    import httpx
+
+    servers = _servers(model_path, tools, flash_attn)
+    try:
+        for name, (proc, base) in servers.items():
+            _wait_http(base + "/health", proc)
+        for _, base in servers.values():   # the same warm-up for both
+            httpx.post(base + "/v1/completions", json={"prompt": "Hello", "max_tokens": 8, "temperature": 0.0},
+                       timeout=600).raise_for_status()
+        yield servers
     finally:
         for proc, _ in servers.values():
             proc.terminate()

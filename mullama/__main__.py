@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
                           "its new turn (default 256; 0: off)")
     srv.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
                      help="mullama rpc-server processes to spread the model's layers over")
+    srv.add_argument("--flash-attn", "-fa", choices=["auto", "on", "off"], default="auto",
+                     help="flash attention (default auto: llama.cpp's choice, on for the CPU; on a CPU, off makes a "
+                          "long chat's next turns faster and long prompts slower)")
     srv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEXT",
                      help="a Jinja chat template (a file, or the template itself) replacing the model's own; "
                           "tool calling needs one that can express tools")
@@ -216,7 +219,7 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(model, embedding_model=embedding, parallel=args.parallel, ctx_size=args.ctx_size,
                      api_key=args.api_key, max_waiting=args.max_waiting, model_name=args.alias,
                      n_threads=args.threads, prompt_cache_mb=args.prompt_cache, chat_template=args.chat_template,
-                     on_start_error=stop)
+                     on_start_error=stop, flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn])
     # uvloop and httptools where installed ("auto"); uvicorn's SIGINT/SIGTERM handling stops
     # accepting, waits up to --drain seconds for running requests, then closes the engine.
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -209,7 +209,9 @@ cdef class Engine:
     ``prompt_group`` (default 16 on a CPU, where decoding prompts together only delays the
     first tokens of the earlier ones, and ``n_batch`` when the model's layers are on a GPU).
     ``nice`` lowers the engine thread's priority (and that of its compute threads) so that an
-    event loop in the same process stays responsive. ``generate`` and ``stream`` may be called
+    event loop in the same process stays responsive. ``flash_attn`` as for :class:`Context`
+    (None: llama.cpp's choice, on for the CPU; off is faster for short turns deep into long
+    chats on a CPU and slower for long prompts: see BENCHMARKS.md). ``generate`` and ``stream`` may be called
     from many threads at once; :class:`mullama.aio.AsyncEngine` is the async front.
 
     >>> with Engine(model, n_parallel=4) as engine:                    # doctest: +SKIP
@@ -247,7 +249,7 @@ cdef class Engine:
         self.slots = NULL
 
     def __init__(self, Model model not None, *, n_parallel=8, n_ctx=None, n_batch=512, n_threads=0,
-                 prompt_chunk=None, prompt_group=None, nice=0, adapters=None):
+                 prompt_chunk=None, prompt_group=None, nice=0, adapters=None, flash_attn=None):
         model._check()
         applied = _check_adapters(model, adapters)
         _check_int(n_parallel, "n_parallel", 1, llama_max_parallel_sequences())
@@ -255,7 +257,7 @@ cdef class Engine:
             n_ctx = n_parallel * min(2048, max(8, model.n_ctx_train))
         _check_int(n_ctx, "n_ctx", n_parallel * 8, 1 << 24)
         _check_int(n_batch, "n_batch", max(n_parallel, 8), 1 << 16)
-        self.core = _NativeContext.open(model, n_ctx, n_batch, n_threads, False, n_parallel, None, {}, None)
+        self.core = _NativeContext.open(model, n_ctx, n_batch, n_threads, False, n_parallel, flash_attn, {}, None)
         if not self.core.has_memory():   # encoder-only: no logits to sample
             self.core.free()
             raise model._no_logits_error()

@@ -705,9 +705,11 @@ class AsyncEngine(_LoopBound):
 
     def __init__(self, model: Model, *, n_parallel: int = 8, n_ctx: int | None = None, n_batch: int = 512,
                  n_threads: int = 0, prompt_chunk: int | None = None, prompt_group: int | None = None,
-                 nice: int = 0, adapters: Iterable[tuple[LoraAdapter, float]] | None = None) -> None:
+                 nice: int = 0, adapters: Iterable[tuple[LoraAdapter, float]] | None = None,
+                 flash_attn: bool | None = None) -> None:
         self.engine = Engine(model, n_parallel=n_parallel, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                             prompt_chunk=prompt_chunk, prompt_group=prompt_group, nice=nice, adapters=adapters)
+                             prompt_chunk=prompt_chunk, prompt_group=prompt_group, nice=nice, adapters=adapters,
+                             flash_attn=flash_attn)
 
     @property
     def adapters(self) -> tuple[tuple[LoraAdapter, float], ...]:

@@ -414,7 +414,7 @@ class _Server:
                  *, parallel: int, ctx_size: int | None, api_key: str | None, max_waiting: int | None,
                  model_name: str | None, embedding_model_name: str | None, n_batch: int, n_threads: int,
                  embedding_ctx_size: int | None, prompt_cache_mb: int = 256, chat_template: str | None = None,
-                 on_start_error: Callable[[str], None] | None = None) -> None:
+                 on_start_error: Callable[[str], None] | None = None, flash_attn: bool | None = None) -> None:
         if model is None:
             from . import models
 
@@ -427,6 +427,7 @@ class _Server:
         self.max_waiting = max_waiting
         self.n_batch = n_batch
         self.n_threads = n_threads
+        self.flash_attn = flash_attn
         self.embedding_ctx_size = embedding_ctx_size
         self.model_name = model_name or _name_of(model)
         self.embedding_name = (embedding_model_name or _name_of(embedding_model)) if embedding_model is not None \
@@ -454,7 +455,8 @@ class _Server:
             model = self.model
             self.templates = await anyio.to_thread.run_sync(self._templates)
             self.engine = await anyio.to_thread.run_sync(lambda: AsyncEngine(
-                model, n_parallel=self.parallel, n_ctx=self.ctx_size, n_batch=self.n_batch, n_threads=self.n_threads))
+                model, n_parallel=self.parallel, n_ctx=self.ctx_size, n_batch=self.n_batch, n_threads=self.n_threads,
+                flash_attn=self.flash_attn))
             log.info("serving %s (%d slots of %d tokens)", self.model_name, self.parallel,
                      self.engine.n_ctx_per_sequence)
         except Exception as exc:
@@ -1066,7 +1068,7 @@ def create_app(model: str | PathLike[str] | Model | None = None, *,
                model_name: str | None = None, embedding_model_name: str | None = None, n_batch: int = 512,
                n_threads: int = 0, embedding_ctx_size: int | None = None, prompt_cache_mb: int = 256,
                chat_template: str | PathLike[str] | None = None,
-               on_start_error: Callable[[str], None] | None = None) -> Any:
+               on_start_error: Callable[[str], None] | None = None, flash_attn: bool | None = None) -> Any:
     """An ASGI application serving OpenAI's API from ``model`` (a GGUF path or a loaded
     :class:`mullama.Model`; default: :func:`mullama.models.fetch`).
 
@@ -1086,6 +1088,9 @@ def create_app(model: str | PathLike[str] | Model | None = None, *,
     parser of tool calls (``tools``, ``tool_choice``). A model whose template cannot express
     tools answers requests with ``tools`` 400, naming this option.
 
+    ``flash_attn`` is the engine's (None: llama.cpp's choice, on for the CPU); on a CPU, off
+    makes a long chat's next turns faster and long prompts slower (BENCHMARKS.md).
+
     A server that cannot start (a model that does not load, a context it cannot create) answers
     503 with the reason; ``on_start_error`` is called with it too (``mullama serve`` exits).
     """
@@ -1097,11 +1102,13 @@ def create_app(model: str | PathLike[str] | Model | None = None, *,
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         # An empty key would turn the check off: a script's unset variable must not open the server.
         raise ValueError("api_key must be None (no key) or a non-empty str")
+    if flash_attn is not None and not isinstance(flash_attn, bool):
+        raise ValueError(f"flash_attn={flash_attn!r} must be None, True or False")
     server = _Server(model, embedding_model, parallel=parallel, ctx_size=ctx_size, api_key=api_key,
                      max_waiting=max_waiting, model_name=model_name, embedding_model_name=embedding_model_name,
                      n_batch=n_batch, n_threads=n_threads, embedding_ctx_size=embedding_ctx_size,
                      prompt_cache_mb=prompt_cache_mb, chat_template=_template_text(chat_template),
-                     on_start_error=on_start_error)
+                     on_start_error=on_start_error, flash_attn=flash_attn)
     if isinstance(model, Model) and server.chat_template is not None:
         _ChatTemplates(model, server.chat_template)   # a template that does not parse: ChatTemplateError now
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -411,3 +413,23 @@ def test_requests_take_consecutive_slots_and_bring_their_cached_prefix(smollm, g
         for p, text in zip(prompts, texts):
             ctx.clear_cache()
             assert text == ctx.generate_from_tokens(p, 16, greedy)
+
+
+@pytest.mark.parametrize("flash_attn, word", [(False, "disabled"), (True, "enabled")])
+def test_flash_attn_reaches_the_engines_context(smollm, greedy, caplog, flash_attn, word):
+    """llama.cpp logs the setting it got; the text is what a Context with the same setting gives."""
+    caplog.set_level(logging.INFO, logger="mullama")
+    with mullama.Engine(smollm, n_parallel=2, n_ctx=512, flash_attn=flash_attn) as e:
+        got = e.generate(PROMPTS[0], 12, greedy)
+    lines = [r.getMessage() for r in caplog.records if "flash_attn" in r.getMessage()]
+    assert any(re.search(rf"flash_attn\s*=\s*{word}", line) for line in lines), lines
+    with mullama.Context(smollm, n_ctx=512, flash_attn=flash_attn) as ctx:
+        assert got == ctx.generate(PROMPTS[0], 12, greedy)
+
+
+@pytest.mark.parametrize("value", ["off", 0, 1.0])
+def test_flash_attn_must_be_none_or_a_bool(smollm, value):
+    with pytest.raises(mullama.InvalidArgumentError, match="flash_attn"):
+        mullama.Engine(smollm, n_parallel=2, n_ctx=512, flash_attn=value)
+    with pytest.raises(mullama.InvalidArgumentError, match="flash_attn"):
+        mullama.Context(smollm, n_ctx=512, flash_attn=value)

@@ -455,7 +455,8 @@ def _serve_cli(*args: str) -> subprocess.CompletedProcess:
                                          (["--parallel", "0"], "--parallel/-np: must be 1 or more"),
                                          (["--max-waiting", "-1"], "--max-waiting: must be 0 or more"),
                                          (["--threads", "-2"], "--threads: must be from 0 to 1024"),
-                                         (["--api-key", ""], "--api-key: must not be empty")])
+                                         (["--api-key", ""], "--api-key: must not be empty"),
+                                         (["--flash-attn", "yes"], "--flash-attn/-fa: invalid choice")])
 def test_bad_serve_arguments_exit_2_naming_them_before_anything_loads(args, words):
     # An empty key used to start a server without one; the others a traceback, or a late failure.
     proc = _serve_cli("-m", "no-such-model.gguf", *args)
@@ -477,9 +478,17 @@ def test_create_app_refuses_an_empty_api_key():
             create_app("model.gguf", api_key=key)
 
 
+def test_create_app_refuses_a_flash_attn_that_is_not_a_bool():
+    from mullama.server import create_app
+
+    with pytest.raises(ValueError, match="flash_attn='off'"):
+        create_app("model.gguf", flash_attn="off")
+
+
 def test_max_waiting_answers_503_with_retry_after(smollm_path):
+    # With flash attention off, so that a served engine runs that way in the tests too.
     proc, base = _start(["-m", str(smollm_path), "--parallel", "1", "--max-waiting", "0", "--ctx-size", "1024",
-                         *THREADS],
+                         "--flash-attn", "off", *THREADS],
                         key=None)
     try:
         body = {"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 500,
