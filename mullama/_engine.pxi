@@ -210,9 +210,9 @@ cdef class Engine:
     first tokens of the earlier ones, and ``n_batch`` when the model's layers are on a GPU).
     ``nice`` lowers the engine thread's priority (and that of its compute threads) so that an
     event loop in the same process stays responsive. ``flash_attn`` as for :class:`Context`
-    (None: llama.cpp's choice, on for the CPU; off is faster for short turns deep into long
-    chats on a CPU and slower for long prompts: see BENCHMARKS.md). ``generate`` and ``stream`` may be called
-    from many threads at once; :class:`mullama.aio.AsyncEngine` is the async front.
+    (None: llama.cpp's choice, on for the CPU; there, off is faster for short turns deep into
+    long chats and slower for long prompts: see BENCHMARKS.md). ``generate`` and ``stream`` may
+    be called from many threads at once; :class:`mullama.aio.AsyncEngine` is the async front.
 
     >>> with Engine(model, n_parallel=4) as engine:                    # doctest: +SKIP
     ...     print(engine.generate("The capital of France is", 8))
