@@ -122,8 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
                      help="mullama rpc-server processes to spread the model's layers over")
     srv.add_argument("--flash-attn", "-fa", choices=["auto", "on", "off"], default="auto",
-                     help="flash attention (default auto: llama.cpp's choice, on for the CPU; on a CPU, off makes a "
-                          "long chat's next turns faster and long prompts slower)")
+                     help="flash attention (default auto: llama.cpp's choice, on for the CPU; there, off makes a "
+                          "long chat's next turns faster, and long prompts and many streams slower)")
     srv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEXT",
                      help="a Jinja chat template (a file, or the template itself) replacing the model's own; "
                           "tool calling needs one that can express tools")

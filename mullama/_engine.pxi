@@ -211,8 +211,9 @@ cdef class Engine:
     ``nice`` lowers the engine thread's priority (and that of its compute threads) so that an
     event loop in the same process stays responsive. ``flash_attn`` as for :class:`Context`
     (None: llama.cpp's choice, on for the CPU; there, off is faster for short turns deep into
-    long chats and slower for long prompts: see BENCHMARKS.md). ``generate`` and ``stream`` may
-    be called from many threads at once; :class:`mullama.aio.AsyncEngine` is the async front.
+    long chats, and slower for long prompts and for many streams: see BENCHMARKS.md).
+    ``generate`` and ``stream`` may be called from many threads at once;
+    :class:`mullama.aio.AsyncEngine` is the async front.
 
     >>> with Engine(model, n_parallel=4) as engine:                    # doctest: +SKIP
     ...     print(engine.generate("The capital of France is", 8))

@@ -1088,8 +1088,8 @@ def create_app(model: str | PathLike[str] | Model | None = None, *,
     parser of tool calls (``tools``, ``tool_choice``). A model whose template cannot express
     tools answers requests with ``tools`` 400, naming this option.
 
-    ``flash_attn`` is the engine's (None: llama.cpp's choice, on for the CPU); on a CPU, off
-    makes a long chat's next turns faster and long prompts slower (BENCHMARKS.md).
+    ``flash_attn`` is the engine's (None: llama.cpp's choice, on for the CPU); there, off makes
+    a long chat's next turns faster, and long prompts and many streams slower (BENCHMARKS.md).
 
     A server that cannot start (a model that does not load, a context it cannot create) answers
     503 with the reason; ``on_start_error`` is called with it too (``mullama serve`` exits).
