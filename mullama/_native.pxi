@@ -379,9 +379,10 @@ cdef llama_context_params _context_params(Model model, object n_ctx, object n_ba
     p.n_threads_batch = p.n_threads
     p.embeddings = embeddings
     p.no_perf = True
-    if flash_attn is not None and not isinstance(flash_attn, bool):
-        raise InvalidArgumentError(f"flash_attn must be None (llama.cpp's choice), True or False, got {flash_attn!r}")
     if flash_attn is not None:
+        if not isinstance(flash_attn, bool):
+            raise InvalidArgumentError(f"flash_attn must be None (llama.cpp's choice), True or False, "
+                                       f"got {flash_attn!r}")
         # llama.cpp's default (auto) turns it on for the CPU: faster on long prompts, slower
         # on batches of a few tokens (a chat's new turn); see BENCHMARKS.md.
         p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else LLAMA_FLASH_ATTN_TYPE_DISABLED
