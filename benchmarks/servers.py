@@ -20,8 +20,9 @@ FILLER = ("The river runs through the valley past the old mill, where the miller
           "grows apples beside the stone bridge. ")
 
 
-def _stream(client, url: str, body: dict) -> tuple[float, int]:
-    """(seconds to the first text, tokens generated) of one streamed request."""
+def _stream(client, url: str, body: dict, arrivals: list | None = None) -> tuple[float, int]:
+    """(seconds to the first text, tokens generated) of one streamed request; the arrival time
+    of each chunk with text goes to `arrivals`."""
     t0 = time.perf_counter()
     first, tokens, chunks = None, 0, 0
     with client.stream("POST", url, json=dict(body, stream=True, stream_options={"include_usage": True})) as r:
@@ -33,6 +34,8 @@ def _stream(client, url: str, body: dict) -> tuple[float, int]:
             choice = (js.get("choices") or [{}])[0]
             if choice.get("text") or (choice.get("delta") or {}).get("content"):
                 chunks += 1
+                if arrivals is not None:
+                    arrivals.append(time.perf_counter())
                 if first is None:
                     first = time.perf_counter() - t0
             if js.get("usage"):
@@ -40,18 +43,21 @@ def _stream(client, url: str, body: dict) -> tuple[float, int]:
     return (first if first is not None else float("nan")), tokens or chunks
 
 
-def _together(base: str, bodies: list[dict], path="/v1/completions") -> tuple[float, list[float]]:
-    """All bodies at once, one thread each: (aggregate tokens/s, each request's TTFT in ms)."""
+def _together(base: str, bodies: list[dict], path="/v1/completions",
+              gaps: list | None = None) -> tuple[float, list[float]]:
+    """All bodies at once, one thread each: (aggregate tokens/s, each request's TTFT in ms). With
+    one body, the ms between its chunks go to `gaps`."""
     import httpx
 
     out: list[tuple[float, int]] = []
     lock = threading.Lock()
     start = threading.Barrier(len(bodies))
+    arrivals: list[float] | None = [] if gaps is not None and len(bodies) == 1 else None
 
     def one(body):
         with httpx.Client(timeout=600) as client:
             start.wait()
-            res = _stream(client, base + path, body)
+            res = _stream(client, base + path, body, arrivals)
             with lock:
                 out.append(res)
 
@@ -61,7 +67,18 @@ def _together(base: str, bodies: list[dict], path="/v1/completions") -> tuple[fl
         th.start()
     for th in threads:
         th.join()
+    if arrivals is not None and gaps is not None:
+        gaps += [(b - a) * 1000 for a, b in zip(arrivals, arrivals[1:])]
     return sum(n for _, n in out) / (time.perf_counter() - t0), [ttft * 1000 for ttft, _ in out]
+
+
+def _chunk_gaps(t: Table, servers, gaps: dict) -> None:
+    """What each server's stack costs per token, apart from the host's drift in throughput: the
+    time between one client's chunks, its median and 99th percentile in each repetition."""
+    for label, q in (("median", 0.5), ("99th percentile", 0.99)):
+        for name in servers:
+            t.add(f"HTTP streaming, 1 client: ms between chunks, {label}", name,
+                  [g[min(len(g) - 1, int(q * len(g)))] for g in gaps[name]], "ms")
 
 
 def _servers(model_path, tools, flash_attn="auto"):
@@ -93,6 +110,7 @@ def _widths(t: Table, servers, reps, widths, n):
     for width in widths:
         rates: dict = {s: [] for s in servers}
         ttfts: dict = {s: [] for s in servers}
+        gaps: dict = {s: [] for s in servers}   # per repetition: ms between one client's chunks
         for rep in range(reps):
             # The same prompts for both servers (greedy: the same texts, and the same early ends of
             # generation), none of them sent twice to a server in the run, and two share at most
@@ -101,11 +119,16 @@ def _widths(t: Table, servers, reps, widths, n):
                        "temperature": 0.0, "repeat_penalty": 1.0} for _ in range(width)]
             for name, (_, base) in _turns(servers, rep):
                 _quiet(*procs)
-                rate, firsts = _together(base, bodies)
+                between: list[float] = []
+                rate, firsts = _together(base, bodies, gaps=between)
                 rates[name].append(rate)
                 ttfts[name].append(median(firsts))
+                if between:
+                    gaps[name].append(sorted(between))
         for name in servers:
             t.add(f"HTTP streaming, {width} clients x {n} tokens (tok/s)", name, rates[name], "tok/s")
+        if width == 1:
+            _chunk_gaps(t, servers, gaps)
         if width == max(widths):
             for name in servers:
                 t.add(f"HTTP time to first token, {width} clients (ms)", name, ttfts[name], "ms")
