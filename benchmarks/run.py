@@ -450,28 +450,29 @@ def bench_busy(t: Table, model_path, reps, n=32):
     g = mullama.sampler_params_greedy()
     sync_s, async_s, engine_s = [], [], []   # greedy, the model counts on: n tokens every time
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
+
+    async def run():
         with mullama.Context(model, n_ctx=512, n_threads=THREADS) as ctx:
-            ctx.generate(COUNTING, 4, g)                       # the same warm-up for every system
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                ctx.generate(COUNTING, n, g)
-                sync_s.append(n / (time.perf_counter() - t0))
+            async with mullama.aio.AsyncContext(model, n_ctx=512, n_threads=THREADS) as actx, \
+                    mullama.aio.AsyncEngine(model, n_parallel=2, n_ctx=1024, n_threads=THREADS) as eng:
 
-        async def run():
-            async with mullama.aio.AsyncContext(model, n_ctx=512, n_threads=THREADS) as actx:
+                async def sync_call():
+                    ctx.generate(COUNTING, n, g)   # on the loop's thread: nothing else runs here
+
+                systems = [(sync_call, sync_s), (lambda: actx.generate(COUNTING, n, g), async_s),
+                           (lambda: eng.generate(COUNTING, n, g), engine_s)]
+                ctx.generate(COUNTING, 4, g)                       # the same warm-up for every system
                 await actx.generate(COUNTING, 4, g)
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    await actx.generate(COUNTING, n, g)
-                    async_s.append(n / (time.perf_counter() - t0))
-            async with mullama.aio.AsyncEngine(model, n_parallel=2, n_ctx=1024, n_threads=THREADS) as eng:
                 await eng.generate(COUNTING, 4, g)
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    await eng.generate(COUNTING, n, g)
-                    engine_s.append(n / (time.perf_counter() - t0))
+                # Alternated, each first in turn: how the scheduler shares the cores with the busy
+                # process drifts over seconds, and systems measured in blocks met different shares.
+                for rep in range(3 * reps):
+                    for call, out in systems[rep % 3:] + systems[:rep % 3]:
+                        t0 = time.perf_counter()
+                        await call()
+                        out.append(n / (time.perf_counter() - t0))
 
+    try:
         anyio.run(run)
     finally:
         hog.kill()
@@ -480,8 +481,8 @@ def bench_busy(t: Table, model_path, reps, n=32):
     t.add(w, "sync generate", sync_s, "tok/s")
     t.add(w, "mullama.aio AsyncContext.generate", async_s, "tok/s")
     t.add(w, "mullama.aio AsyncEngine.generate", engine_s, "tok/s")
-    print(f"busy machine: async/sync {median(async_s) / median(sync_s):.2f}, "
-          f"engine/sync {median(engine_s) / median(sync_s):.2f}", flush=True)
+    print(f"busy machine: async/sync {median(async_s) / median(sync_s):.2f} (paired {paired(async_s, sync_s):.2f}), "
+          f"engine/sync {median(engine_s) / median(sync_s):.2f} (paired {paired(engine_s, sync_s):.2f})", flush=True)
 
 
 def _engine_run(engine, prompts, n, width):
