@@ -13,7 +13,7 @@ import threading
 import time
 from statistics import median
 
-from .run import ROOT, THREADS, Table, _free_port, _quiet, _wait_http
+from .run import ROOT, THREADS, Table, _free_port, _quiet, _wait_http, quantile
 
 SLOTS, CTX = 8, 4096          # 512 tokens per request on both servers
 FILLER = ("The river runs through the valley past the old mill, where the miller keeps bees and "
@@ -44,15 +44,14 @@ def _stream(client, url: str, body: dict, arrivals: list | None = None) -> tuple
 
 
 def _together(base: str, bodies: list[dict], path="/v1/completions",
-              gaps: list | None = None) -> tuple[float, list[float]]:
-    """All bodies at once, one thread each: (aggregate tokens/s, each request's TTFT in ms). With
-    one body, the ms between its chunks go to `gaps`."""
+              arrivals: list | None = None) -> tuple[float, list[float]]:
+    """All bodies at once, one thread each: (aggregate tokens/s, each request's TTFT in ms).
+    `arrivals`, for one body: the times its chunks with text arrived."""
     import httpx
 
     out: list[tuple[float, int]] = []
     lock = threading.Lock()
     start = threading.Barrier(len(bodies))
-    arrivals: list[float] | None = [] if gaps is not None and len(bodies) == 1 else None
 
     def one(body):
         with httpx.Client(timeout=600) as client:
@@ -67,8 +66,6 @@ def _together(base: str, bodies: list[dict], path="/v1/completions",
         th.start()
     for th in threads:
         th.join()
-    if arrivals is not None and gaps is not None:
-        gaps += [(b - a) * 1000 for a, b in zip(arrivals, arrivals[1:])]
     return sum(n for _, n in out) / (time.perf_counter() - t0), [ttft * 1000 for ttft, _ in out]
 
 
@@ -78,7 +75,7 @@ def _chunk_gaps(t: Table, servers, gaps: dict) -> None:
     for label, q in (("median", 0.5), ("99th percentile", 0.99)):
         for name in servers:
             t.add(f"HTTP streaming, 1 client: ms between chunks, {label}", name,
-                  [g[min(len(g) - 1, int(q * len(g)))] for g in gaps[name]], "ms")
+                  [quantile(g, q) for g in gaps[name]], "ms")
 
 
 def _servers(model_path, tools, flash_attn="auto"):
@@ -119,12 +116,12 @@ def _widths(t: Table, servers, reps, widths, n):
                        "temperature": 0.0, "repeat_penalty": 1.0} for _ in range(width)]
             for name, (_, base) in _turns(servers, rep):
                 _quiet(*procs)
-                between: list[float] = []
-                rate, firsts = _together(base, bodies, gaps=between)
+                arrivals: list[float] = []
+                rate, firsts = _together(base, bodies, arrivals=arrivals if width == 1 else None)
                 rates[name].append(rate)
                 ttfts[name].append(median(firsts))
-                if between:
-                    gaps[name].append(sorted(between))
+                if width == 1:
+                    gaps[name].append(sorted((b - a) * 1000 for a, b in zip(arrivals, arrivals[1:])))
         for name in servers:
             t.add(f"HTTP streaming, {width} clients x {n} tokens (tok/s)", name, rates[name], "tok/s")
         if width == 1:
