@@ -13,16 +13,17 @@ import threading
 import time
 from statistics import median
 
-from .run import ROOT, THREADS, Table, _free_port, _quiet, _wait_http, quantile
+from .run import ROOT, THREADS, Table, _free_port, _quiet, _wait_http, llama_bench, quantile
 
 SLOTS, CTX = 8, 4096          # 512 tokens per request on both servers
 FILLER = ("The river runs through the valley past the old mill, where the miller keeps bees and "
           "grows apples beside the stone bridge. ")
 
 
-def _stream(client, url: str, body: dict, arrivals: list | None = None) -> tuple[float, int]:
+def _stream(client, url: str, body: dict, arrivals: list | None = None,
+            usage: dict | None = None) -> tuple[float, int]:
     """(seconds to the first text, tokens generated) of one streamed request; the arrival time
-    of each chunk with text goes to `arrivals`."""
+    of each chunk with text goes to `arrivals`, the request's usage to `usage`."""
     t0 = time.perf_counter()
     first, tokens, chunks = None, 0, 0
     with client.stream("POST", url, json=dict(body, stream=True, stream_options={"include_usage": True})) as r:
@@ -40,6 +41,8 @@ def _stream(client, url: str, body: dict, arrivals: list | None = None) -> tuple
                     first = time.perf_counter() - t0
             if js.get("usage"):
                 tokens = js["usage"]["completion_tokens"]
+                if usage is not None:
+                    usage.update(js["usage"])
     return (first if first is not None else float("nan")), tokens or chunks
 
 
@@ -131,34 +134,62 @@ def _widths(t: Table, servers, reps, widths, n):
                 t.add(f"HTTP time to first token, {width} clients (ms)", name, ttfts[name], "ms")
 
 
-def _second_turn(t: Table, servers, reps, setting=""):
-    """A chat of about 400 tokens, then its next turn: TTFT of each."""
-    firsts: dict = {s: [] for s in servers}
-    seconds: dict = {s: [] for s in servers}
+def _chat(base: str, opening: str, procs) -> tuple[float, float, dict, dict]:
+    """A chat of about 400 tokens, then its next turn: (TTFT of each in ms, usage of each)."""
+    import httpx
+
+    msgs = [{"role": "user", "content": opening + FILLER * 14 + "What grows by the bridge?"}]
+    body = {"max_tokens": 16, "temperature": 0.0}
+    url = base + "/v1/chat/completions"
+    usage1: dict = {}
+    usage2: dict = {}
+    # A connection per request: reusing one after a stream once met a closed connection (which
+    # server closed it was not recorded); both pay the same loopback connect.
+    _quiet(*procs)
+    with httpx.Client(timeout=600) as client:
+        ttft1, _ = _stream(client, url, dict(body, messages=msgs), usage=usage1)
+    reply = httpx.post(url, json=dict(body, messages=msgs), timeout=600).json()
+    msgs = msgs + [reply["choices"][0]["message"], {"role": "user", "content": "And who keeps the bees?"}]
+    _quiet(*procs)
+    with httpx.Client(timeout=600) as client:
+        ttft2, _ = _stream(client, url, dict(body, messages=msgs), usage=usage2)
+    return ttft1 * 1000, ttft2 * 1000, usage1, usage2
+
+
+def _second_turn(t: Table, servers, tools, model_path, reps, flash_attn="auto"):
+    """A chat's first and second turn on each server, and the ratio of their TTFTs beside the
+    ratio llama.cpp's own decode of the same tokens allows."""
+    setting = "" if flash_attn == "auto" else f", flash attention {flash_attn}"
+    turns: dict = {s: [] for s in servers}
     procs = [proc for proc, _ in servers.values()]
     for rep in range(reps):
         for name, (_, base) in _turns(servers, rep):
-            import httpx
+            turns[name].append(_chat(base, f"Story {rep} {name}. ", procs))
+    for name in servers:
+        t.add(f"HTTP chat, first turn of ~400 tokens, TTFT (ms){setting}", name, [c[0] for c in turns[name]], "ms")
+    for name in servers:
+        t.add(f"HTTP chat, its second turn, TTFT (ms){setting}", name, [c[1] for c in turns[name]], "ms")
+    label = f"HTTP chat, first turn / second turn{setting}"
+    for name in servers:
+        t.add(label, name, [c[0] / c[1] for c in turns[name]], "x")
+    _, _, first, second = turns["mullama serve"][-1]
+    cached = second["prompt_tokens_details"]["cached_tokens"]
+    _quiet(*procs)
+    t.add(label, "llama-bench, decode of the same tokens",
+          _decode_ratio(tools, model_path, first["prompt_tokens"], second["prompt_tokens"] - cached, cached,
+                        flash_attn, reps), "x")
 
-            msgs = [{"role": "user", "content": f"Story {rep} {name}. " + FILLER * 14 + "What grows by the bridge?"}]
-            body = {"max_tokens": 16, "temperature": 0.0}
-            url = base + "/v1/chat/completions"
-            # A connection per request: reusing one after a stream once met a closed connection
-            # (which server closed it was not recorded); both pay the same loopback connect.
-            _quiet(*procs)
-            with httpx.Client(timeout=600) as client:
-                ttft1, _ = _stream(client, url, dict(body, messages=msgs))
-            reply = httpx.post(url, json=dict(body, messages=msgs), timeout=600).json()
-            msgs = msgs + [reply["choices"][0]["message"], {"role": "user", "content": "And who keeps the bees?"}]
-            _quiet(*procs)
-            with httpx.Client(timeout=600) as client:
-                ttft2, _ = _stream(client, url, dict(body, messages=msgs))
-            firsts[name].append(ttft1 * 1000)
-            seconds[name].append(ttft2 * 1000)
-    for name in servers:
-        t.add(f"HTTP chat, first turn of ~400 tokens, TTFT (ms){setting}", name, firsts[name], "ms")
-    for name in servers:
-        t.add(f"HTTP chat, its second turn, TTFT (ms){setting}", name, seconds[name], "ms")
+
+def _decode_ratio(tools, model_path, first, new, depth, flash_attn, reps) -> list[float]:
+    """What no server can beat: llama-bench's time to decode the first turn's prompt over its
+    time to decode the second turn's new tokens on the first turn's cache."""
+    fa = {"auto": "1", "on": "1", "off": "0"}[flash_attn]
+    ratios = []
+    for _ in range(reps):
+        whole = llama_bench(tools, model_path, ["-p", str(first), "-n", "0", "-fa", fa])[0]["avg_ns"]
+        rest = llama_bench(tools, model_path, ["-p", str(new), "-n", "0", "-d", str(depth), "-fa", fa])[0]["avg_ns"]
+        ratios.append(whole / rest)
+    return ratios
 
 
 def _prompt_decoded(base: str, replies: list[dict]) -> float:
@@ -207,12 +238,12 @@ def bench_servers(t: Table, model_path, tools, reps, widths=(1, 2, 4, 8), n=128)
         # Each width's repetition is short (2-9 s) and both servers' rates move by 10-25% between
         # repetitions on a shared 2-core host: twice the repetitions narrow the paired ratio.
         _widths(t, servers, 2 * reps, widths, n)
-        _second_turn(t, servers, reps)
+        _second_turn(t, servers, tools, model_path, reps)
         _shared_system(t, servers, reps)
     # On a CPU, flash attention's kernel for a few new tokens over a long cache is what a next
     # turn mostly costs; the same chats with it off on both servers show the other side.
     with _running(model_path, tools, "off") as servers:
-        _second_turn(t, servers, reps, ", flash attention off")
+        _second_turn(t, servers, tools, model_path, reps, "off")
 
 
 @contextlib.contextmanager
