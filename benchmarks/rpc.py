@@ -73,20 +73,26 @@ def _mullama_tg(model_path, rpc: list[str], reps: int, n: int) -> list[float]:
 
 
 def bench_rpc(t: Table, model_path, tools, reps: int, n: int = 128) -> None:
-    t.add(f"tg{n} local", "mullama", _mullama_tg(model_path, [], reps, n), "tok/s")
-    procs, endpoints = _servers(lambda p: [sys.executable, "-m", "mullama", "rpc-server", "--port", str(p),
-                                           "--threads", str(THREADS)])
-    try:
-        t.add(f"tg{n} over 2 RPC servers (loopback)", "mullama", _mullama_tg(model_path, endpoints, reps, n), "tok/s")
-    finally:
-        _stop(procs)
+    """Each repetition takes the four systems in turn, both pairs of servers idling between
+    their turns, so that the host's drift reaches them all alike."""
     server = build_llama.build_tool("ggml-rpc-server")["ggml-rpc-server"]
-    local = [llama_bench(tools, model_path, ["-p", "0", "-n", str(n)])[0]["avg_ts"] for _ in range(reps)]
-    t.add(f"tg{n} local", "llama.cpp llama-bench", local, "tok/s")
-    procs, endpoints = _servers(lambda p: [str(server), "-p", str(p), "-t", str(THREADS)])
+    rates: dict = {key: [] for key in ("mullama local", "mullama rpc", "peer local", "peer rpc")}
+    mine, mine_at = _servers(lambda p: [sys.executable, "-m", "mullama", "rpc-server", "--port", str(p),
+                                        "--threads", str(THREADS)])
     try:
-        args = ["-p", "0", "-n", str(n), "-ngl", "99", "--rpc", ",".join(endpoints)]
-        remote = [llama_bench(tools, model_path, args)[0]["avg_ts"] for _ in range(reps)]
-        t.add(f"tg{n} over 2 RPC servers (loopback)", "llama.cpp llama-bench", remote, "tok/s")
+        peer, peer_at = _servers(lambda p: [str(server), "-p", str(p), "-t", str(THREADS)])
+        try:
+            for _ in range(reps):
+                rates["mullama local"] += _mullama_tg(model_path, [], 1, n)
+                rates["peer local"].append(llama_bench(tools, model_path, ["-p", "0", "-n", str(n)])[0]["avg_ts"])
+                rates["mullama rpc"] += _mullama_tg(model_path, mine_at, 1, n)
+                args = ["-p", "0", "-n", str(n), "-ngl", "99", "--rpc", ",".join(peer_at)]
+                rates["peer rpc"].append(llama_bench(tools, model_path, args)[0]["avg_ts"])
+        finally:
+            _stop(peer)
     finally:
-        _stop(procs)
+        _stop(mine)
+    t.add(f"tg{n} local", "mullama", rates["mullama local"], "tok/s")
+    t.add(f"tg{n} over 2 RPC servers (loopback)", "mullama", rates["mullama rpc"], "tok/s")
+    t.add(f"tg{n} local", "llama.cpp llama-bench", rates["peer local"], "tok/s")
+    t.add(f"tg{n} over 2 RPC servers (loopback)", "llama.cpp llama-bench", rates["peer rpc"], "tok/s")
